@@ -1,0 +1,176 @@
+//! Delivery of stored messages: resume on start, scheduled delivery on a
+//! timer, and a slow safety scan; plus the bookkeeping that keeps each message
+//! dispatched once (`InFlight`) and routes replies to waiting callers
+//! (`ReplyWaiters`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::cluster::ClusterCore;
+use crate::snowflake::now_unix_ms;
+use crate::storage::{MessageId, StoredReply, UnprocessedQuery};
+
+/// Messages handed to an entity and not yet completed. A message is
+/// dispatched only if it can be inserted here, so the safety scan never
+/// dispatches a message a second time while its first run is under way.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight(Mutex<HashSet<MessageId>>);
+
+impl InFlight {
+    /// Claims `id`; false if it is already in flight.
+    pub(crate) fn claim(&self, id: MessageId) -> bool {
+        lock(&self.0).insert(id)
+    }
+
+    pub(crate) fn release(&self, id: MessageId) {
+        lock(&self.0).remove(&id);
+    }
+
+    pub(crate) fn contains(&self, id: MessageId) -> bool {
+        lock(&self.0).contains(&id)
+    }
+}
+
+/// Callers waiting for the reply of a persisted message.
+#[derive(Debug, Default)]
+pub(crate) struct ReplyWaiters(Mutex<HashMap<MessageId, Vec<oneshot::Sender<StoredReply>>>>);
+
+impl ReplyWaiters {
+    /// Registers a waiter. The returned guard removes it if the caller gives up.
+    pub(crate) fn register(self: &Arc<Self>, id: MessageId) -> ReplyWait {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.0).entry(id).or_default().push(tx);
+        ReplyWait {
+            waiters: self.clone(),
+            id,
+            rx,
+        }
+    }
+
+    /// Hands `reply` to every waiter of `id`.
+    pub(crate) fn complete(&self, id: MessageId, reply: &StoredReply) {
+        let senders = lock(&self.0).remove(&id).unwrap_or_default();
+        for sender in senders {
+            let _ = sender.send(reply.clone());
+        }
+    }
+}
+
+/// One caller's wait for a reply.
+#[derive(Debug)]
+pub(crate) struct ReplyWait {
+    waiters: Arc<ReplyWaiters>,
+    id: MessageId,
+    rx: oneshot::Receiver<StoredReply>,
+}
+
+impl ReplyWait {
+    pub(crate) async fn wait(mut self) -> Option<StoredReply> {
+        (&mut self.rx).await.ok()
+    }
+}
+
+impl Drop for ReplyWait {
+    fn drop(&mut self) {
+        let mut map = lock(&self.waiters.0);
+        if let Some(senders) = map.get_mut(&self.id) {
+            senders.retain(|s| !s.is_closed());
+            self.rx.close();
+            senders.retain(|s| !s.is_closed());
+            if senders.is_empty() {
+                map.remove(&self.id);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Messages read per storage round trip by the scan.
+const SCAN_PAGE: usize = 512;
+/// Retry delay after a mailbox was full or storage failed.
+const RETRY: Duration = Duration::from_millis(50);
+
+/// The delivery loop: scans ready messages, dispatches those not in flight,
+/// sleeps until the earliest scheduled delivery or the safety poll, and wakes
+/// early when a caller schedules a message (`ClusterCore::wake_delivery`).
+pub(crate) async fn run(core: Arc<ClusterCore>) {
+    let shutdown = core.shutdown.clone();
+    loop {
+        let retry_soon = scan(&core).await;
+        let now = now_unix_ms() as i64;
+        let mut wait = if retry_soon {
+            RETRY
+        } else {
+            core.config.safety_poll
+        };
+        match core.storage.next_delivery(now).await {
+            Ok(Some(at)) => {
+                wait = wait.min(Duration::from_millis((at - now).max(0) as u64));
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "reading the next scheduled delivery failed");
+                wait = wait.min(RETRY * 10);
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = core.wake_delivery.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Dispatches every ready, unprocessed message that is not in flight.
+/// Returns true when something should be retried soon.
+async fn scan(core: &Arc<ClusterCore>) -> bool {
+    let mut after = None;
+    let mut retry_soon = false;
+    loop {
+        if core.shutdown.is_cancelled() {
+            return false;
+        }
+        let query = UnprocessedQuery {
+            ready_at: now_unix_ms() as i64,
+            after,
+            limit: SCAN_PAGE,
+        };
+        let page = match core.storage.unprocessed(query).await {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::warn!(%error, "scanning stored messages failed; retrying");
+                return true;
+            }
+        };
+        let full_page = page.len() == SCAN_PAGE;
+        after = page.last().map(|m| m.id);
+        for message in page {
+            if core.in_flight.contains(message.id) {
+                continue;
+            }
+            match core.types.get(&*message.address.entity_type) {
+                Some(registered) => {
+                    if !registered.erased.dispatch_stored(message) {
+                        retry_soon = true;
+                    }
+                }
+                None => {
+                    tracing::warn!(
+                        entity_type = %message.address.entity_type,
+                        message_id = %message.id,
+                        "stored message for an entity type this runner does not register; left stored"
+                    );
+                }
+            }
+        }
+        if !full_page {
+            return retry_soon;
+        }
+    }
+}

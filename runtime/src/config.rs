@@ -1,0 +1,264 @@
+//! Cluster configuration: a builder with defaults that work, or `FLOTILLA_*`
+//! environment variables.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// Where messages and state are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StorageConfig {
+    /// An embedded SQLite file (WAL, `synchronous=FULL`). The default, at `flotilla.db`.
+    Sqlite {
+        /// The database file; created if missing.
+        path: PathBuf,
+    },
+    /// In memory: nothing survives the process. For tests and throwaway services.
+    Memory,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self::Sqlite {
+            path: PathBuf::from("flotilla.db"),
+        }
+    }
+}
+
+/// Settings of a cluster. Every field has a default that works.
+///
+/// ```
+/// use flotilla::ClusterConfig;
+/// let config = ClusterConfig::default();
+/// assert_eq!(config.shards, 300);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterConfig {
+    /// Storage backend. Default: SQLite file `flotilla.db`. Env: `FLOTILLA_STORAGE`
+    /// (`sqlite:<path>` or `memory`).
+    pub storage: StorageConfig,
+    /// Shards in the default group. Default 300. Env: `FLOTILLA_SHARDS`.
+    pub shards: u32,
+    /// How long a call waits for its reply by default. Default 30 s.
+    /// Env: `FLOTILLA_CALL_TIMEOUT` (`250ms`, `30s`, `2m`).
+    pub call_timeout: Duration,
+    /// Largest encoded request accepted. Default 1 MiB. Env: `FLOTILLA_MAX_PAYLOAD_BYTES`.
+    pub max_payload_bytes: usize,
+    /// How often stored messages are re-scanned in case a wake-up was lost.
+    /// Ready messages are dispatched at once and scheduled ones on their timer;
+    /// this is only the safety net. Default 2 s. Env: `FLOTILLA_SAFETY_POLL`.
+    pub safety_poll: Duration,
+    /// How long processed messages and their replies are kept; also the dedup
+    /// window of `primary_key`. Default 7 days. Env: `FLOTILLA_RETENTION`.
+    pub retention: Duration,
+    /// How long `shutdown` waits for in-flight handlers. Default 30 s.
+    /// Env: `FLOTILLA_SHUTDOWN_TIMEOUT`.
+    pub shutdown_timeout: Duration,
+    /// The snowflake machine id of this process (0–1023). Default 0.
+    /// Env: `FLOTILLA_MACHINE_ID`.
+    pub machine_id: u16,
+    /// Most writes committed in one transaction (group commit). Default 512.
+    pub max_batch: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            storage: StorageConfig::default(),
+            shards: 300,
+            call_timeout: Duration::from_secs(30),
+            max_payload_bytes: 1 << 20,
+            safety_poll: Duration::from_secs(2),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            shutdown_timeout: Duration::from_secs(30),
+            machine_id: 0,
+            max_batch: 512,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The defaults, overridden by every `FLOTILLA_*` variable that is set.
+    /// A variable that does not parse is an error naming it.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`from_env`](Self::from_env), reading variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut config = Self::default();
+        if let Some(v) = lookup("FLOTILLA_STORAGE") {
+            config.storage =
+                parse_storage(&v).map_err(|reason| invalid("FLOTILLA_STORAGE", &v, reason))?;
+        }
+        if let Some(v) = lookup("FLOTILLA_SHARDS") {
+            config.shards = parse_num("FLOTILLA_SHARDS", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_CALL_TIMEOUT") {
+            config.call_timeout = parse_duration("FLOTILLA_CALL_TIMEOUT", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_MAX_PAYLOAD_BYTES") {
+            config.max_payload_bytes = parse_num("FLOTILLA_MAX_PAYLOAD_BYTES", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_SAFETY_POLL") {
+            config.safety_poll = parse_duration("FLOTILLA_SAFETY_POLL", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_RETENTION") {
+            config.retention = parse_duration("FLOTILLA_RETENTION", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_SHUTDOWN_TIMEOUT") {
+            config.shutdown_timeout = parse_duration("FLOTILLA_SHUTDOWN_TIMEOUT", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_MACHINE_ID") {
+            config.machine_id = parse_num("FLOTILLA_MACHINE_ID", &v)?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that every setting is usable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let check = |ok: bool, setting: &'static str, reason: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    setting,
+                    reason: reason.to_owned(),
+                })
+            }
+        };
+        check(self.shards >= 1, "shards", "must be at least 1")?;
+        check(
+            !self.call_timeout.is_zero(),
+            "call_timeout",
+            "must be more than zero",
+        )?;
+        check(
+            self.max_payload_bytes >= 64,
+            "max_payload_bytes",
+            "must be at least 64",
+        )?;
+        check(
+            !self.safety_poll.is_zero(),
+            "safety_poll",
+            "must be more than zero",
+        )?;
+        check(
+            !self.retention.is_zero(),
+            "retention",
+            "must be more than zero",
+        )?;
+        check(
+            self.machine_id <= crate::snowflake::MAX_MACHINE_ID,
+            "machine_id",
+            "must be at most 1023",
+        )?;
+        check(self.max_batch >= 1, "max_batch", "must be at least 1")?;
+        if let StorageConfig::Sqlite { path } = &self.storage {
+            check(
+                !path.as_os_str().is_empty(),
+                "storage",
+                "the SQLite path is empty",
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn invalid(var: &'static str, value: &str, reason: String) -> ConfigError {
+    ConfigError::InvalidEnv {
+        var,
+        value: value.to_owned(),
+        reason,
+    }
+}
+
+fn parse_storage(v: &str) -> Result<StorageConfig, String> {
+    if v == "memory" {
+        return Ok(StorageConfig::Memory);
+    }
+    match v.strip_prefix("sqlite:") {
+        Some(path) if !path.is_empty() => Ok(StorageConfig::Sqlite {
+            path: PathBuf::from(path.trim_start_matches("//")),
+        }),
+        _ => Err("expected `memory` or `sqlite:<path>`".to_owned()),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    v.trim()
+        .parse()
+        .map_err(|e: T::Err| invalid(var, v, e.to_string()))
+}
+
+fn parse_duration(var: &'static str, v: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v.trim())
+        .map_err(|e| invalid(var, v, format!("{e} (examples: 250ms, 30s, 2m)")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<ClusterConfig, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ClusterConfig::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn no_variables_gives_the_defaults() {
+        assert_eq!(from(&[]).unwrap(), ClusterConfig::default());
+    }
+
+    #[test]
+    fn variables_override_defaults() {
+        let c = from(&[
+            ("FLOTILLA_STORAGE", "sqlite:/tmp/x.db"),
+            ("FLOTILLA_SHARDS", "64"),
+            ("FLOTILLA_CALL_TIMEOUT", "1500ms"),
+            ("FLOTILLA_RETENTION", "1h"),
+            ("FLOTILLA_MACHINE_ID", "12"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.storage,
+            StorageConfig::Sqlite {
+                path: "/tmp/x.db".into()
+            }
+        );
+        assert_eq!(c.shards, 64);
+        assert_eq!(c.call_timeout, Duration::from_millis(1500));
+        assert_eq!(c.retention, Duration::from_secs(3600));
+        assert_eq!(c.machine_id, 12);
+        assert_eq!(
+            from(&[("FLOTILLA_STORAGE", "memory")]).unwrap().storage,
+            StorageConfig::Memory
+        );
+    }
+
+    #[test]
+    fn a_bad_variable_is_named_in_the_error() {
+        for (var, value) in [
+            ("FLOTILLA_SHARDS", "many"),
+            ("FLOTILLA_CALL_TIMEOUT", "soon"),
+            ("FLOTILLA_STORAGE", "mysql://x"),
+            ("FLOTILLA_MACHINE_ID", "70000"),
+        ] {
+            let err = from(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(var), "{err}");
+        }
+        let err = from(&[("FLOTILLA_SHARDS", "0")]).unwrap_err().to_string();
+        assert!(err.contains("shards"), "{err}");
+    }
+}

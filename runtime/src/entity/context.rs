@@ -1,0 +1,121 @@
+//! What a handler can see and do besides its arguments.
+
+use std::sync::{Arc, Mutex};
+
+use crate::sharding::{EntityAddress, RunnerId, ShardId};
+use crate::snowflake::{Snowflake, SnowflakeGenerator};
+use crate::storage::{MessageId, Statement};
+
+/// Handed to a handler that declares an `&EntityContext` argument.
+///
+/// ```
+/// use flotilla::prelude::*;
+///
+/// #[derive(Default)]
+/// struct Greeter;
+///
+/// #[entity]
+/// impl Greeter {
+///     #[rpc]
+///     async fn hello(&self, ctx: &EntityContext, name: String) -> String {
+///         format!("hello {name}, from {} on shard {}", ctx.entity_id(), ctx.shard_id())
+///     }
+/// }
+/// ```
+#[derive(Debug)]
+pub struct EntityContext {
+    address: EntityAddress,
+    runner: RunnerId,
+    message: Option<MessageId>,
+    ids: Arc<SnowflakeGenerator>,
+    staged: Option<Mutex<Vec<Statement>>>,
+}
+
+/// [`EntityContext::stage`] was called where effects cannot be committed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StageError {
+    /// Only a persisted rpc has a completion transaction to write into.
+    #[error("effects can only be staged by a persisted rpc (`#[rpc(persisted)]`)")]
+    NotPersisted,
+}
+
+impl EntityContext {
+    pub(crate) fn new(
+        address: EntityAddress,
+        runner: RunnerId,
+        message: Option<MessageId>,
+        ids: Arc<SnowflakeGenerator>,
+    ) -> Self {
+        let staged = message.map(|_| Mutex::new(Vec::new()));
+        Self {
+            address,
+            runner,
+            message,
+            ids,
+            staged,
+        }
+    }
+
+    /// The entity's id.
+    pub fn entity_id(&self) -> &str {
+        &self.address.entity_id
+    }
+
+    /// The entity type's wire name.
+    pub fn entity_type(&self) -> &str {
+        &self.address.entity_type
+    }
+
+    /// The entity's full address.
+    pub fn address(&self) -> &EntityAddress {
+        &self.address
+    }
+
+    /// The shard the entity lives on.
+    pub fn shard_id(&self) -> &ShardId {
+        &self.address.shard
+    }
+
+    /// The runner running this handler.
+    pub fn runner_id(&self) -> &RunnerId {
+        &self.runner
+    }
+
+    /// The id of the persisted message being handled; `None` for a volatile one.
+    pub fn message_id(&self) -> Option<MessageId> {
+        self.message
+    }
+
+    /// A new cluster-unique, time-ordered id.
+    pub fn snowflake(&self) -> Snowflake {
+        self.ids.next_id()
+    }
+
+    /// Stages a SQL statement to run in the transaction that records this
+    /// persisted message's reply, so it takes effect exactly once: it commits
+    /// together with the reply (and the entity's state), or not at all.
+    ///
+    /// The statement is written in the dialect of the configured storage
+    /// (`?` placeholders on SQLite). If it fails, nothing of the completion is
+    /// kept and the call fails with `ClusterError::EffectsFailed`.
+    pub fn stage(&self, statement: Statement) -> Result<(), StageError> {
+        let staged = self.staged.as_ref().ok_or(StageError::NotPersisted)?;
+        staged
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(statement);
+        Ok(())
+    }
+
+    pub(crate) fn take_staged(&self) -> Vec<Statement> {
+        match &self.staged {
+            Some(staged) => std::mem::take(
+                &mut *staged
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            ),
+            None => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,651 @@
+//! The per-type runtime of entities: activation, mailboxes, serial handling,
+//! passivation, panic isolation and persisted completion.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures::FutureExt;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use crate::cluster::Services;
+use crate::codec;
+use crate::entity::{Entity, EntityContext, EntityOptions, RequestInfo};
+use crate::error::ClusterError;
+use crate::sharding::EntityAddress;
+use crate::snowflake::now_unix_ms;
+use crate::storage::{
+    Completion, CompletionOutcome, EntityState, Headers, MessageId, MessageKey, NewMessage,
+    SaveOutcome, StoredMessage, StoredReply,
+};
+
+/// What an entity's mailbox carries.
+enum Envelope<E: Entity> {
+    Volatile {
+        request: E::Request,
+        reply: oneshot::Sender<Result<E::Reply, ClusterError>>,
+        span: tracing::Span,
+    },
+    Persisted {
+        id: MessageId,
+        request: E::Request,
+        span: tracing::Span,
+    },
+}
+
+/// Type-erased view of a manager, for the delivery loop.
+pub(crate) trait StoredDispatch: Send + Sync {
+    /// Hands a stored message to its entity. False if it could not be
+    /// enqueued now (full mailbox); it stays stored and is retried.
+    fn dispatch_stored(&self, message: StoredMessage) -> bool;
+    /// Number of active entities.
+    fn active(&self) -> usize;
+}
+
+/// Cached metric handles of one entity type.
+struct TypeMetrics {
+    active: metrics::Gauge,
+    mailbox_depth: metrics::Gauge,
+    volatile: metrics::Counter,
+    persisted: metrics::Counter,
+    handler_seconds: metrics::Histogram,
+    panics: metrics::Counter,
+}
+
+impl TypeMetrics {
+    fn new(entity_type: &'static str) -> Self {
+        Self {
+            active: metrics::gauge!("flotilla_active_entities", "entity_type" => entity_type),
+            mailbox_depth: metrics::gauge!("flotilla_mailbox_depth", "entity_type" => entity_type),
+            volatile: metrics::counter!("flotilla_messages_total", "entity_type" => entity_type, "delivery" => "volatile"),
+            persisted: metrics::counter!("flotilla_messages_total", "entity_type" => entity_type, "delivery" => "persisted"),
+            handler_seconds: metrics::histogram!("flotilla_handler_duration_seconds", "entity_type" => entity_type),
+            panics: metrics::counter!("flotilla_handler_panics_total", "entity_type" => entity_type),
+        }
+    }
+}
+
+/// All active entities of one type on this runner.
+pub(crate) struct EntityManager<E: Entity> {
+    svc: Arc<Services>,
+    options: EntityOptions,
+    entities: Mutex<HashMap<Arc<str>, mpsc::Sender<Envelope<E>>>>,
+    metrics: TypeMetrics,
+}
+
+impl<E: Entity> EntityManager<E> {
+    pub(crate) fn new(svc: Arc<Services>) -> Arc<Self> {
+        Arc::new(Self {
+            svc,
+            options: E::options(),
+            entities: Mutex::new(HashMap::new()),
+            metrics: TypeMetrics::new(E::NAME),
+        })
+    }
+
+    /// The mailbox of the entity at `address`, activating it if needed.
+    fn mailbox(self: &Arc<Self>, address: &EntityAddress) -> mpsc::Sender<Envelope<E>> {
+        let mut entities = lock(&self.entities);
+        if let Some(sender) = entities.get(&address.entity_id)
+            && !sender.is_closed()
+        {
+            return sender.clone();
+        }
+        let (tx, rx) = mpsc::channel(self.options.mailbox);
+        entities.insert(address.entity_id.clone(), tx.clone());
+        self.metrics.active.increment(1.0);
+        let manager = self.clone();
+        let address = address.clone();
+        let active = self.metrics.active.clone();
+        self.svc.entity_tasks.spawn(async move {
+            manager.run_entity(address, rx).await;
+            active.decrement(1.0);
+        });
+        tx
+    }
+
+    /// A volatile call: straight to the mailbox, no serialization.
+    pub(crate) async fn call_volatile(
+        self: &Arc<Self>,
+        address: &EntityAddress,
+        request: E::Request,
+        span: tracing::Span,
+    ) -> Result<E::Reply, ClusterError> {
+        let (reply, wait) = oneshot::channel();
+        let mut envelope = Envelope::Volatile {
+            request,
+            reply,
+            span,
+        };
+        loop {
+            self.metrics.mailbox_depth.increment(1.0);
+            match self.mailbox(address).try_send(envelope) {
+                Ok(()) => break,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.metrics.mailbox_depth.decrement(1.0);
+                    return Err(ClusterError::MailboxFull {
+                        entity_type: E::NAME.to_owned(),
+                        entity_id: address.entity_id.to_string(),
+                        capacity: self.options.mailbox,
+                    });
+                }
+                // The entity passivated between lookup and send: activate anew.
+                Err(mpsc::error::TrySendError::Closed(returned)) => {
+                    self.metrics.mailbox_depth.decrement(1.0);
+                    envelope = returned;
+                }
+            }
+        }
+        wait.await.unwrap_or(Err(ClusterError::ShuttingDown))
+    }
+
+    /// A persisted call: store, dispatch, wait for the recorded reply.
+    pub(crate) async fn call_persisted(
+        self: &Arc<Self>,
+        address: &EntityAddress,
+        info: RequestInfo,
+        request: E::Request,
+        deliver_at: Option<SystemTime>,
+        span: tracing::Span,
+    ) -> Result<E::Reply, ClusterError> {
+        let svc = &self.svc;
+        let payload = codec::encode("request", &request)?;
+        if payload.len() > svc.config.max_payload_bytes {
+            return Err(ClusterError::PayloadTooLarge {
+                size: payload.len(),
+                limit: svc.config.max_payload_bytes,
+            });
+        }
+        let id = MessageId::from(svc.ids.next_id());
+        let now = now_unix_ms() as i64;
+        let deliver_at = deliver_at.map(unix_ms).filter(|at| *at > now);
+        let key = info
+            .primary_key
+            .as_deref()
+            .map(|pk| MessageKey::new(E::NAME, &address.entity_id, info.tag, pk));
+        let wait = svc.waiters.register(id);
+        let message = NewMessage {
+            id,
+            address: address.clone(),
+            tag: info.tag.to_owned(),
+            key,
+            payload,
+            headers: Headers::new(),
+            deliver_at,
+            created_at: now,
+        };
+        match svc.writer.save(message).await? {
+            SaveOutcome::Saved => {
+                if deliver_at.is_some() {
+                    svc.wake_delivery.notify_one();
+                } else {
+                    self.dispatch_persisted(address, id, request, span).await;
+                }
+                decode_reply::<E>(wait.wait().await.ok_or(ClusterError::ShuttingDown)?)
+            }
+            SaveOutcome::Duplicate {
+                reply: Some(reply), ..
+            } => decode_reply::<E>(reply),
+            SaveOutcome::Duplicate {
+                id: existing,
+                reply: None,
+            } => {
+                drop(wait);
+                let wait = svc.waiters.register(existing);
+                // The reply may have been recorded between the save and the registration.
+                if let Some(reply) = svc.storage.reply(existing).await? {
+                    return decode_reply::<E>(reply);
+                }
+                decode_reply::<E>(wait.wait().await.ok_or(ClusterError::ShuttingDown)?)
+            }
+        }
+    }
+
+    /// Hands a just-stored message to its entity, waiting for mailbox room.
+    async fn dispatch_persisted(
+        self: &Arc<Self>,
+        address: &EntityAddress,
+        id: MessageId,
+        request: E::Request,
+        span: tracing::Span,
+    ) {
+        let Some(claim) = InFlightClaim::new(&self.svc, id) else {
+            return;
+        };
+        let mut envelope = Envelope::Persisted { id, request, span };
+        loop {
+            self.metrics.mailbox_depth.increment(1.0);
+            match self.mailbox(address).send(envelope).await {
+                Ok(()) => {
+                    claim.keep();
+                    return;
+                }
+                Err(mpsc::error::SendError(returned)) => {
+                    self.metrics.mailbox_depth.decrement(1.0);
+                    if self.svc.shutdown.is_cancelled() {
+                        return;
+                    }
+                    envelope = returned;
+                }
+            }
+        }
+    }
+
+    /// Loads the entity: stored state for `state = persisted`, else a fresh one.
+    async fn load(&self, ctx: &EntityContext) -> Result<E, ClusterError> {
+        if self.options.persisted_state
+            && let Some(bytes) = self
+                .svc
+                .storage
+                .load_state(E::NAME, ctx.entity_id())
+                .await?
+            && let Some(decoded) = E::decode_state(&bytes)
+        {
+            return Ok(decoded?);
+        }
+        Ok(E::create(ctx))
+    }
+
+    fn context(&self, address: &EntityAddress, message: Option<MessageId>) -> EntityContext {
+        EntityContext::new(
+            address.clone(),
+            self.svc.runner.clone(),
+            message,
+            self.svc.ids.clone(),
+        )
+    }
+
+    /// The entity's task: one message at a time until idle, shutdown or failure.
+    async fn run_entity(
+        self: Arc<Self>,
+        address: EntityAddress,
+        mut rx: mpsc::Receiver<Envelope<E>>,
+    ) {
+        let mut instance = match self.load(&self.context(&address, None)).await {
+            Ok(instance) => instance,
+            Err(error) => {
+                tracing::warn!(%address, %error, "entity could not be activated");
+                self.passivate(&address, &mut rx);
+                let reason = error.to_string();
+                while let Some(envelope) = rx.recv().await {
+                    self.metrics.mailbox_depth.decrement(1.0);
+                    self.fail(envelope, &reason);
+                }
+                return;
+            }
+        };
+        let shutdown = self.svc.shutdown.clone();
+        loop {
+            let envelope = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                next = tokio::time::timeout(self.options.max_idle, rx.recv()) => match next {
+                    Ok(Some(envelope)) => envelope,
+                    Ok(None) => return,
+                    Err(_idle) => {
+                        if self.passivate(&address, &mut rx) {
+                            // Messages that slipped in before the mailbox closed go to the next activation.
+                            while let Some(envelope) = rx.recv().await {
+                                self.metrics.mailbox_depth.decrement(1.0);
+                                self.redispatch(&address, envelope);
+                            }
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            self.metrics.mailbox_depth.decrement(1.0);
+            if !self.handle(&address, &mut instance, envelope).await {
+                // A panic, or a completion that was not recorded: the in-memory
+                // state may differ from what is stored. Start again from storage.
+                match self.load(&self.context(&address, None)).await {
+                    Ok(fresh) => instance = fresh,
+                    Err(error) => {
+                        tracing::warn!(%address, %error, "entity could not be restarted");
+                        self.passivate(&address, &mut rx);
+                        let reason = error.to_string();
+                        while let Some(envelope) = rx.recv().await {
+                            self.metrics.mailbox_depth.decrement(1.0);
+                            self.fail(envelope, &reason);
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+        // Shutdown: the handler under way has finished. Queued volatile calls fail;
+        // queued persisted messages stay stored and are resumed on the next start.
+        self.passivate(&address, &mut rx);
+        while let Ok(envelope) = rx.try_recv() {
+            self.metrics.mailbox_depth.decrement(1.0);
+            match envelope {
+                Envelope::Volatile { reply, .. } => {
+                    let _ = reply.send(Err(ClusterError::ShuttingDown));
+                }
+                Envelope::Persisted { id, .. } => self.svc.in_flight.release(id),
+            }
+        }
+    }
+
+    /// Runs one message. Returns false if the entity must be restarted.
+    async fn handle(
+        &self,
+        address: &EntityAddress,
+        instance: &mut E,
+        envelope: Envelope<E>,
+    ) -> bool {
+        match envelope {
+            Envelope::Volatile {
+                request,
+                reply,
+                span,
+            } => {
+                if reply.is_closed() {
+                    return true; // the caller gave up before the entity got to it
+                }
+                let ctx = self.context(address, None);
+                let started = Instant::now();
+                let result = AssertUnwindSafe(instance.handle(&ctx, request))
+                    .catch_unwind()
+                    .instrument(span)
+                    .await;
+                self.metrics
+                    .handler_seconds
+                    .record(started.elapsed().as_secs_f64());
+                self.metrics.volatile.increment(1);
+                match result {
+                    Ok(value) => {
+                        let _ = reply.send(Ok(value));
+                        true
+                    }
+                    Err(panic) => {
+                        self.metrics.panics.increment(1);
+                        let message = panic_message(&*panic);
+                        tracing::error!(%address, panic = %message, "handler panicked; entity restarted");
+                        let _ = reply.send(Err(ClusterError::HandlerPanicked(message)));
+                        false
+                    }
+                }
+            }
+            Envelope::Persisted { id, request, span } => {
+                let ctx = self.context(address, Some(id));
+                let started = Instant::now();
+                let result = AssertUnwindSafe(instance.handle(&ctx, request))
+                    .catch_unwind()
+                    .instrument(span.clone())
+                    .await;
+                self.metrics
+                    .handler_seconds
+                    .record(started.elapsed().as_secs_f64());
+                self.metrics.persisted.increment(1);
+                let mut healthy = true;
+                let mut reply = match result {
+                    Ok(value) => match codec::encode("reply", &value) {
+                        Ok(bytes) => StoredReply::Ok(bytes),
+                        Err(error) => {
+                            healthy = false;
+                            StoredReply::Rejected(error.to_string())
+                        }
+                    },
+                    Err(panic) => {
+                        self.metrics.panics.increment(1);
+                        let message = panic_message(&*panic);
+                        tracing::error!(parent: &span, %address, panic = %message, "handler panicked; entity restarted");
+                        healthy = false;
+                        StoredReply::Panicked(message)
+                    }
+                };
+                let mut state = None;
+                if healthy && self.options.persisted_state {
+                    match instance.encode_state() {
+                        Some(Ok(bytes)) => {
+                            state = Some(EntityState {
+                                entity_type: E::NAME.to_owned(),
+                                entity_id: address.entity_id.to_string(),
+                                bytes,
+                            })
+                        }
+                        Some(Err(error)) => {
+                            healthy = false;
+                            reply = StoredReply::Rejected(error.to_string());
+                        }
+                        None => {}
+                    }
+                }
+                let effects = if healthy {
+                    ctx.take_staged()
+                } else {
+                    Vec::new()
+                };
+                let completion = Completion {
+                    message_id: id,
+                    reply: reply.clone(),
+                    state,
+                    effects,
+                };
+                match self.svc.writer.complete(completion).await {
+                    Ok(CompletionOutcome::Recorded) => self.svc.waiters.complete(id, &reply),
+                    Ok(CompletionOutcome::EffectsFailed(message)) => {
+                        healthy = false;
+                        self.svc
+                            .waiters
+                            .complete(id, &StoredReply::EffectsFailed(message));
+                    }
+                    Ok(CompletionOutcome::AlreadyProcessed(earlier)) => {
+                        healthy = false;
+                        if let Some(earlier) = earlier {
+                            self.svc.waiters.complete(id, &earlier);
+                        }
+                    }
+                    Err(error) => {
+                        // Nothing was recorded: the message stays stored and the
+                        // delivery loop runs it again.
+                        healthy = false;
+                        tracing::warn!(parent: &span, %address, %error, "completion not recorded; message will be retried");
+                    }
+                }
+                self.svc.in_flight.release(id);
+                healthy
+            }
+        }
+    }
+
+    /// Removes the entity from the map and closes its mailbox, if the mailbox
+    /// is empty. Returns whether it did.
+    fn passivate(&self, address: &EntityAddress, rx: &mut mpsc::Receiver<Envelope<E>>) -> bool {
+        let mut entities = lock(&self.entities);
+        if !rx.is_empty() && !self.svc.shutdown.is_cancelled() {
+            return false;
+        }
+        // While our mailbox is open the map entry is ours; after it closes a
+        // new activation may own the entry.
+        if !rx.is_closed() {
+            entities.remove(&address.entity_id);
+        }
+        rx.close();
+        true
+    }
+
+    /// Sends a message that reached a passivated mailbox to the next activation.
+    fn redispatch(self: &Arc<Self>, address: &EntityAddress, envelope: Envelope<E>) {
+        let mut envelope = envelope;
+        loop {
+            self.metrics.mailbox_depth.increment(1.0);
+            match self.mailbox(address).try_send(envelope) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Closed(returned)) => {
+                    self.metrics.mailbox_depth.decrement(1.0);
+                    envelope = returned;
+                }
+                Err(mpsc::error::TrySendError::Full(returned)) => {
+                    self.metrics.mailbox_depth.decrement(1.0);
+                    self.fail(returned, "mailbox full");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Fails a message that cannot be handled now. A persisted one stays
+    /// stored and is retried by the delivery loop.
+    fn fail(&self, envelope: Envelope<E>, reason: &str) {
+        match envelope {
+            Envelope::Volatile { reply, .. } => {
+                let _ = reply.send(Err(ClusterError::Storage(
+                    crate::error::StorageError::Corrupt(format!("entity unavailable: {reason}")),
+                )));
+            }
+            Envelope::Persisted { id, .. } => {
+                self.svc.in_flight.release(id);
+                self.svc.wake_delivery.notify_one();
+            }
+        }
+    }
+}
+
+impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
+    fn dispatch_stored(&self, message: StoredMessage) -> bool {
+        let manager = self;
+        let Some(claim) = InFlightClaim::new(&self.svc, message.id) else {
+            return true;
+        };
+        let span = message_span(
+            &message.address,
+            &message.tag,
+            "persisted",
+            Some(message.id),
+        );
+        let request = match codec::decode::<E::Request>("request", &message.payload) {
+            Ok(request) => request,
+            Err(error) => {
+                // A payload that no longer decodes would be retried forever:
+                // record the rejection as its reply instead.
+                tracing::error!(parent: &span, %error, "stored message does not decode; rejected");
+                let svc = self.svc.clone();
+                let id = message.id;
+                let reply =
+                    StoredReply::Rejected(format!("stored request does not decode: {error}"));
+                claim.keep();
+                self.svc.tasks.spawn(async move {
+                    let completion = Completion {
+                        message_id: id,
+                        reply: reply.clone(),
+                        state: None,
+                        effects: Vec::new(),
+                    };
+                    if let Ok(CompletionOutcome::Recorded) = svc.writer.complete(completion).await {
+                        svc.waiters.complete(id, &reply);
+                    }
+                    svc.in_flight.release(id);
+                });
+                return true;
+            }
+        };
+        let mut envelope = Envelope::Persisted {
+            id: message.id,
+            request,
+            span,
+        };
+        loop {
+            manager.metrics.mailbox_depth.increment(1.0);
+            match manager.mailbox(&message.address).try_send(envelope) {
+                Ok(()) => {
+                    claim.keep();
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(returned)) => {
+                    manager.metrics.mailbox_depth.decrement(1.0);
+                    envelope = returned;
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    manager.metrics.mailbox_depth.decrement(1.0);
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn active(&self) -> usize {
+        lock(&self.entities).len()
+    }
+}
+
+/// The span of one message.
+pub(crate) fn message_span(
+    address: &EntityAddress,
+    rpc: &str,
+    delivery: &'static str,
+    message_id: Option<MessageId>,
+) -> tracing::Span {
+    tracing::info_span!(
+        "flotilla.message",
+        entity_type = %address.entity_type,
+        entity_id = %address.entity_id,
+        shard = %address.shard,
+        rpc,
+        delivery,
+        message_id = message_id.map(|id| id.0),
+    )
+}
+
+/// A message claimed in `InFlight`; released on drop unless kept.
+struct InFlightClaim<'a> {
+    svc: &'a Services,
+    id: MessageId,
+    kept: bool,
+}
+
+impl<'a> InFlightClaim<'a> {
+    fn new(svc: &'a Services, id: MessageId) -> Option<Self> {
+        svc.in_flight.claim(id).then_some(Self {
+            svc,
+            id,
+            kept: false,
+        })
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for InFlightClaim<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.svc.in_flight.release(self.id);
+        }
+    }
+}
+
+fn decode_reply<E: Entity>(reply: StoredReply) -> Result<E::Reply, ClusterError> {
+    match reply {
+        StoredReply::Ok(bytes) => Ok(codec::decode("reply", &bytes)?),
+        StoredReply::Panicked(message) => Err(ClusterError::HandlerPanicked(message)),
+        StoredReply::EffectsFailed(message) => Err(ClusterError::EffectsFailed(message)),
+        StoredReply::Rejected(message) => Err(ClusterError::Rejected(message)),
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+fn unix_ms(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
