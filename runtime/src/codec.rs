@@ -27,7 +27,7 @@ pub fn encode<T: Serialize + ?Sized>(
 /// Decodes exactly one `T` from `bytes`: no trailing bytes, at most
 /// [`MAX_DEPTH`] levels of nesting.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
-    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
     de.set_max_depth(MAX_DEPTH);
     let value = T::deserialize(&mut de).map_err(|e| match e {
         rmp_serde::decode::Error::DepthLimitExceeded => DecodeError::TooDeep {
@@ -39,12 +39,9 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
             message: other.to_string(),
         },
     })?;
-    let consumed = de.get_ref().len();
-    if consumed != 0 {
-        return Err(DecodeError::TrailingBytes {
-            what,
-            extra: consumed,
-        });
+    let extra = bytes.len() - (de.position() as usize).min(bytes.len());
+    if extra != 0 {
+        return Err(DecodeError::TrailingBytes { what, extra });
     }
     Ok(value)
 }

@@ -14,23 +14,48 @@ use crate::snowflake::now_unix_ms;
 use crate::storage::{MessageId, StoredReply, UnprocessedQuery};
 
 /// Messages handed to an entity and not yet completed. A message is
-/// dispatched only if it can be inserted here, so the safety scan never
+/// dispatched only if it can be claimed here, so the delivery scan never
 /// dispatches a message a second time while its first run is under way.
+///
+/// The scan reads a page of unprocessed messages and then claims them; a
+/// message completed in between would look unclaimed although it is already
+/// processed. So while a scan runs, released ids are remembered and cannot be
+/// claimed until the scan ends (its next page is read after their commit).
 #[derive(Debug, Default)]
-pub(crate) struct InFlight(Mutex<HashSet<MessageId>>);
+pub(crate) struct InFlight(Mutex<InFlightSets>);
+
+#[derive(Debug, Default)]
+struct InFlightSets {
+    active: HashSet<MessageId>,
+    scanning: bool,
+    released_during_scan: HashSet<MessageId>,
+}
 
 impl InFlight {
-    /// Claims `id`; false if it is already in flight.
+    /// Claims `id`; false if it is in flight or completed during the current scan.
     pub(crate) fn claim(&self, id: MessageId) -> bool {
-        lock(&self.0).insert(id)
+        let mut sets = lock(&self.0);
+        !sets.released_during_scan.contains(&id) && sets.active.insert(id)
     }
 
     pub(crate) fn release(&self, id: MessageId) {
-        lock(&self.0).remove(&id);
+        let mut sets = lock(&self.0);
+        sets.active.remove(&id);
+        if sets.scanning {
+            sets.released_during_scan.insert(id);
+        }
     }
 
-    pub(crate) fn contains(&self, id: MessageId) -> bool {
-        lock(&self.0).contains(&id)
+    fn begin_scan(&self) {
+        let mut sets = lock(&self.0);
+        sets.scanning = true;
+        sets.released_during_scan.clear();
+    }
+
+    fn end_scan(&self) {
+        let mut sets = lock(&self.0);
+        sets.scanning = false;
+        sets.released_during_scan.clear();
     }
 }
 
@@ -130,6 +155,13 @@ pub(crate) async fn run(core: Arc<ClusterCore>) {
 /// Dispatches every ready, unprocessed message that is not in flight.
 /// Returns true when something should be retried soon.
 async fn scan(core: &Arc<ClusterCore>) -> bool {
+    core.in_flight.begin_scan();
+    let retry_soon = scan_pages(core).await;
+    core.in_flight.end_scan();
+    retry_soon
+}
+
+async fn scan_pages(core: &Arc<ClusterCore>) -> bool {
     let mut after = None;
     let mut retry_soon = false;
     loop {
@@ -151,9 +183,6 @@ async fn scan(core: &Arc<ClusterCore>) -> bool {
         let full_page = page.len() == SCAN_PAGE;
         after = page.last().map(|m| m.id);
         for message in page {
-            if core.in_flight.contains(message.id) {
-                continue;
-            }
             match core.types.get(&*message.address.entity_type) {
                 Some(registered) => {
                     if !registered.erased.dispatch_stored(message) {

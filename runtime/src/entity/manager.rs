@@ -167,6 +167,9 @@ impl<E: Entity> EntityManager<E> {
             .as_deref()
             .map(|pk| MessageKey::new(E::NAME, &address.entity_id, info.tag, pk));
         let wait = svc.waiters.register(id);
+        // Claimed before it is stored, so the delivery scan cannot dispatch
+        // it while this caller does.
+        let claim = InFlightClaim::new(svc, id);
         let message = NewMessage {
             id,
             address: address.clone(),
@@ -179,10 +182,15 @@ impl<E: Entity> EntityManager<E> {
         };
         match svc.writer.save(message).await? {
             SaveOutcome::Saved => {
-                if deliver_at.is_some() {
-                    svc.wake_delivery.notify_one();
-                } else {
-                    self.dispatch_persisted(address, id, request, span).await;
+                match claim {
+                    Some(claim) if deliver_at.is_none() => {
+                        self.dispatch_persisted(address, claim, request, span).await;
+                    }
+                    claim => {
+                        // Scheduled: the delivery timer dispatches it.
+                        drop(claim);
+                        svc.wake_delivery.notify_one();
+                    }
                 }
                 decode_reply::<E>(wait.wait().await.ok_or(ClusterError::ShuttingDown)?)
             }
@@ -208,13 +216,11 @@ impl<E: Entity> EntityManager<E> {
     async fn dispatch_persisted(
         self: &Arc<Self>,
         address: &EntityAddress,
-        id: MessageId,
+        claim: InFlightClaim<'_>,
         request: E::Request,
         span: tracing::Span,
     ) {
-        let Some(claim) = InFlightClaim::new(&self.svc, id) else {
-            return;
-        };
+        let id = claim.id;
         let mut envelope = Envelope::Persisted { id, request, span };
         loop {
             self.metrics.mailbox_depth.increment(1.0);
