@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -58,11 +57,10 @@ async fn handler_errors_stay_typed_through_the_client() {
 async fn an_entity_handles_one_message_at_a_time() {
     let cluster = memory_cluster().await;
     let worker = cluster.client::<Worker>("serial");
-    MAX_CONCURRENT.store(0, Ordering::SeqCst);
     let calls: Vec<_> = (0..4).map(|_| worker.work(20)).collect();
     let results = futures::future::join_all(calls).await;
     assert!(results.iter().all(Result::is_ok));
-    assert_eq!(MAX_CONCURRENT.load(Ordering::SeqCst), 1);
+    assert_eq!(max_concurrency("serial"), 1);
     cluster.shutdown().await;
 }
 

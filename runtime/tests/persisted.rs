@@ -220,9 +220,9 @@ async fn create_audit_table(dir: &tempfile::TempDir, table: &str) {
         dir.path().join("flotilla.db").display()
     );
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE {table} (entity TEXT NOT NULL, key INTEGER NOT NULL CHECK (amount <> 13), amount INTEGER NOT NULL)"
-    ))
+    )))
     .execute(&pool)
     .await
     .unwrap();
@@ -232,9 +232,9 @@ async fn create_audit_table(dir: &tempfile::TempDir, table: &str) {
 async fn audit_rows(dir: &tempfile::TempDir, table: &str) -> Vec<(String, i64, i64)> {
     let url = format!("sqlite://{}", dir.path().join("flotilla.db").display());
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let rows = sqlx::query_as(&format!(
+    let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT entity, key, amount FROM {table} ORDER BY key"
-    ))
+    )))
     .fetch_all(&pool)
     .await
     .unwrap();

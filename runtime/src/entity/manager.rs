@@ -284,28 +284,42 @@ impl<E: Entity> EntityManager<E> {
             }
         };
         let shutdown = self.svc.shutdown.clone();
+        let max_idle = self.options.max_idle;
+        // One idle timer for the entity's life, re-armed lazily: a message only
+        // records the time, so the hot path touches no timer.
+        let mut last_message = tokio::time::Instant::now();
+        let idle = tokio::time::sleep_until(last_message + max_idle);
+        tokio::pin!(idle);
         loop {
             let envelope = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                next = tokio::time::timeout(self.options.max_idle, rx.recv()) => match next {
-                    Ok(Some(envelope)) => envelope,
-                    Ok(None) => return,
-                    Err(_idle) => {
-                        if self.passivate(&address, &mut rx) {
-                            // Messages that slipped in before the mailbox closed go to the next activation.
-                            while let Some(envelope) = rx.recv().await {
-                                self.metrics.mailbox_depth.decrement(1.0);
-                                self.redispatch(&address, envelope);
-                            }
-                            return;
-                        }
+                next = rx.recv() => match next {
+                    Some(envelope) => envelope,
+                    None => return,
+                },
+                () = &mut idle => {
+                    let due = last_message + max_idle;
+                    if tokio::time::Instant::now() < due {
+                        idle.as_mut().reset(due);
                         continue;
                     }
-                },
+                    if self.passivate(&address, &mut rx) {
+                        // Messages that slipped in before the mailbox closed go to the next activation.
+                        while let Some(envelope) = rx.recv().await {
+                            self.metrics.mailbox_depth.decrement(1.0);
+                            self.redispatch(&address, envelope);
+                        }
+                        return;
+                    }
+                    idle.as_mut().reset(tokio::time::Instant::now() + max_idle);
+                    continue;
+                }
             };
             self.metrics.mailbox_depth.decrement(1.0);
-            if !self.handle(&address, &mut instance, envelope).await {
+            let healthy = self.handle(&address, &mut instance, envelope).await;
+            last_message = tokio::time::Instant::now();
+            if !healthy {
                 // A panic, or a completion that was not recorded: the in-memory
                 // state may differ from what is stored. Start again from storage.
                 match self.load(&self.context(&address, None)).await {

@@ -2,7 +2,6 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -132,8 +131,12 @@ pub struct Worker {
     pub handled: u32,
 }
 
-pub static CONCURRENT: AtomicUsize = AtomicUsize::new(0);
-pub static MAX_CONCURRENT: AtomicUsize = AtomicUsize::new(0);
+/// Per entity id: (handlers running now, most ever running at once).
+pub static CONCURRENCY: LazyLock<Mutex<HashMap<String, (usize, usize)>>> = LazyLock::new(Default::default);
+
+pub fn max_concurrency(entity_id: &str) -> usize {
+    CONCURRENCY.lock().unwrap().get(entity_id).map_or(0, |c| c.1)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("refused: {0}")]
@@ -142,11 +145,15 @@ pub struct Refused(pub String);
 #[entity(mailbox = 4, max_idle = "300ms")]
 impl Worker {
     #[rpc]
-    async fn work(&mut self, millis: u64) -> u32 {
-        let now = CONCURRENT.fetch_add(1, Ordering::SeqCst) + 1;
-        MAX_CONCURRENT.fetch_max(now, Ordering::SeqCst);
+    async fn work(&mut self, ctx: &EntityContext, millis: u64) -> u32 {
+        {
+            let mut all = CONCURRENCY.lock().unwrap();
+            let c = all.entry(ctx.entity_id().to_owned()).or_default();
+            c.0 += 1;
+            c.1 = c.1.max(c.0);
+        }
         tokio::time::sleep(Duration::from_millis(millis)).await;
-        CONCURRENT.fetch_sub(1, Ordering::SeqCst);
+        CONCURRENCY.lock().unwrap().get_mut(ctx.entity_id()).unwrap().0 -= 1;
         self.handled += 1;
         self.handled
     }
