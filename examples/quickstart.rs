@@ -38,6 +38,7 @@ impl Account {
     /// and gets the first reply.
     #[rpc(persisted, primary_key = transfer_id)]
     async fn deposit(&mut self, transfer_id: u64, amount: i64) -> Result<i64, AccountError> {
+        tracing::debug!(transfer_id, amount, "deposit");
         self.balance += amount;
         self.deposits += 1;
         Ok(self.balance)
@@ -46,6 +47,7 @@ impl Account {
     /// Takes money out, if there is enough.
     #[rpc(persisted, primary_key = transfer_id)]
     async fn withdraw(&mut self, transfer_id: u64, amount: i64) -> Result<i64, AccountError> {
+        tracing::debug!(transfer_id, amount, "withdraw");
         if amount > self.balance {
             return Err(AccountError::Insufficient {
                 balance: self.balance,

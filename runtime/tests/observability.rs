@@ -74,7 +74,10 @@ async fn each_message_has_a_span_and_the_runtime_records_metrics() {
     assert_eq!(messages.len(), 6, "one span per message: {log:?}");
     let persisted = messages
         .iter()
-        .find(|(_, f)| f.iter().any(|(k, v)| k == "delivery" && v == "persisted"))
+        .find(|(_, f)| {
+            f.iter()
+                .any(|(k, v)| k == "delivery" && v == "\"persisted\"")
+        })
         .expect("a span for the persisted message");
     let field = |k: &str| {
         persisted

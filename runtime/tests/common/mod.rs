@@ -132,10 +132,15 @@ pub struct Worker {
 }
 
 /// Per entity id: (handlers running now, most ever running at once).
-pub static CONCURRENCY: LazyLock<Mutex<HashMap<String, (usize, usize)>>> = LazyLock::new(Default::default);
+pub static CONCURRENCY: LazyLock<Mutex<HashMap<String, (usize, usize)>>> =
+    LazyLock::new(Default::default);
 
 pub fn max_concurrency(entity_id: &str) -> usize {
-    CONCURRENCY.lock().unwrap().get(entity_id).map_or(0, |c| c.1)
+    CONCURRENCY
+        .lock()
+        .unwrap()
+        .get(entity_id)
+        .map_or(0, |c| c.1)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -153,7 +158,12 @@ impl Worker {
             c.1 = c.1.max(c.0);
         }
         tokio::time::sleep(Duration::from_millis(millis)).await;
-        CONCURRENCY.lock().unwrap().get_mut(ctx.entity_id()).unwrap().0 -= 1;
+        CONCURRENCY
+            .lock()
+            .unwrap()
+            .get_mut(ctx.entity_id())
+            .unwrap()
+            .0 -= 1;
         self.handled += 1;
         self.handled
     }
