@@ -55,16 +55,19 @@ const SMOKE: Scale = Scale {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
+    // `cargo bench -p flotilla --bench cluster -- persisted` runs the cases whose name contains the word.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_default();
     let scale = if full { FULL } else { SMOKE };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(run(&scale, full));
+    runtime.block_on(run(&scale, full, &filter));
 }
 
-async fn run(scale: &Scale, full: bool) {
+async fn run(scale: &Scale, full: bool, filter: &str) {
+    let wanted = |name: &str| name.contains(filter);
     let dir = tempfile::tempdir().expect("temp dir");
     let (fsync_p50, fsync_p99) = fsync_latency(dir.path(), if full { 200 } else { 10 });
     println!(
@@ -82,14 +85,14 @@ async fn run(scale: &Scale, full: bool) {
     for id in ids.iter() {
         cluster.client::<Bench>(id).ping(0).await.expect("warm up");
     }
-    report(
-        "volatile local call, 1 caller",
-        drive(&cluster, &ids, 1, scale.volatile_calls / 4, false).await,
-    );
-    report(
-        "volatile local call, 64 callers over 1,000 entities",
-        drive(&cluster, &ids, 64, scale.volatile_calls, false).await,
-    );
+    let name = "volatile local call, 1 caller";
+    if wanted(name) {
+        report(name, drive(&cluster, &ids, 1, scale.volatile_calls / 4, false).await);
+    }
+    let name = "volatile local call, 64 callers over 1,000 entities";
+    if wanted(name) {
+        report(name, drive(&cluster, &ids, 64, scale.volatile_calls, false).await);
+    }
     cluster.shutdown().await;
 
     let cluster = Cluster::builder()
@@ -98,17 +101,19 @@ async fn run(scale: &Scale, full: bool) {
         .start()
         .await
         .expect("start on SQLite");
-    report(
-        "persisted call on SQLite, 1 caller",
-        drive(&cluster, &ids, 1, scale.persisted_single, true).await,
-    );
-    report(
-        "persisted call on SQLite, 64 callers over 1,000 entities",
-        drive(&cluster, &ids, 64, scale.persisted_many, true).await,
-    );
+    let name = "persisted call on SQLite, 1 caller";
+    if wanted(name) {
+        report(name, drive(&cluster, &ids, 1, scale.persisted_single, true).await);
+    }
+    let name = "persisted call on SQLite, 64 callers over 1,000 entities";
+    if wanted(name) {
+        report(name, drive(&cluster, &ids, 64, scale.persisted_many, true).await);
+    }
     cluster.shutdown().await;
 
-    idle_entity_memory(scale.idle_entities).await;
+    if wanted("memory per idle active entity") {
+        idle_entity_memory(scale.idle_entities).await;
+    }
 }
 
 struct Run {

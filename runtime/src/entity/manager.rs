@@ -36,6 +36,10 @@ enum Envelope<E: Entity> {
     },
 }
 
+/// Mailbox slots hold a pointer: a channel allocates its slots in blocks, and
+/// an idle entity's memory should not grow with the size of its requests.
+type Mail<E> = Box<Envelope<E>>;
+
 /// Type-erased view of a manager, for the delivery loop.
 pub(crate) trait StoredDispatch: Send + Sync {
     /// Hands a stored message to its entity. False if it could not be
@@ -72,7 +76,7 @@ impl TypeMetrics {
 pub(crate) struct EntityManager<E: Entity> {
     svc: Arc<Services>,
     options: EntityOptions,
-    entities: Mutex<HashMap<Arc<str>, mpsc::Sender<Envelope<E>>>>,
+    entities: Mutex<HashMap<Arc<str>, mpsc::Sender<Mail<E>>>>,
     metrics: TypeMetrics,
 }
 
@@ -87,7 +91,7 @@ impl<E: Entity> EntityManager<E> {
     }
 
     /// The mailbox of the entity at `address`, activating it if needed.
-    fn mailbox(self: &Arc<Self>, address: &EntityAddress) -> mpsc::Sender<Envelope<E>> {
+    fn mailbox(self: &Arc<Self>, address: &EntityAddress) -> mpsc::Sender<Mail<E>> {
         let mut entities = lock(&self.entities);
         if let Some(sender) = entities.get(&address.entity_id)
             && !sender.is_closed()
@@ -115,11 +119,11 @@ impl<E: Entity> EntityManager<E> {
         span: tracing::Span,
     ) -> Result<E::Reply, ClusterError> {
         let (reply, wait) = oneshot::channel();
-        let mut envelope = Envelope::Volatile {
+        let mut envelope = Box::new(Envelope::Volatile {
             request,
             reply,
             span,
-        };
+        });
         loop {
             self.metrics.mailbox_depth.increment(1.0);
             match self.mailbox(address).try_send(envelope) {
@@ -221,7 +225,7 @@ impl<E: Entity> EntityManager<E> {
         span: tracing::Span,
     ) {
         let id = claim.id;
-        let mut envelope = Envelope::Persisted { id, request, span };
+        let mut envelope = Box::new(Envelope::Persisted { id, request, span });
         loop {
             self.metrics.mailbox_depth.increment(1.0);
             match self.mailbox(address).send(envelope).await {
@@ -268,9 +272,9 @@ impl<E: Entity> EntityManager<E> {
     async fn run_entity(
         self: Arc<Self>,
         address: EntityAddress,
-        mut rx: mpsc::Receiver<Envelope<E>>,
+        mut rx: mpsc::Receiver<Mail<E>>,
     ) {
-        let mut instance = match self.load(&self.context(&address, None)).await {
+        let mut instance = match Box::pin(self.load(&self.context(&address, None))).await {
             Ok(instance) => instance,
             Err(error) => {
                 tracing::warn!(%address, %error, "entity could not be activated");
@@ -278,7 +282,7 @@ impl<E: Entity> EntityManager<E> {
                 let reason = error.to_string();
                 while let Some(envelope) = rx.recv().await {
                     self.metrics.mailbox_depth.decrement(1.0);
-                    self.fail(envelope, &reason);
+                    self.fail(*envelope, &reason);
                 }
                 return;
             }
@@ -317,12 +321,12 @@ impl<E: Entity> EntityManager<E> {
                 }
             };
             self.metrics.mailbox_depth.decrement(1.0);
-            let healthy = self.handle(&address, &mut instance, envelope).await;
+            let healthy = Box::pin(self.handle(&address, &mut instance, *envelope)).await;
             last_message = tokio::time::Instant::now();
             if !healthy {
                 // A panic, or a completion that was not recorded: the in-memory
                 // state may differ from what is stored. Start again from storage.
-                match self.load(&self.context(&address, None)).await {
+                match Box::pin(self.load(&self.context(&address, None))).await {
                     Ok(fresh) => instance = fresh,
                     Err(error) => {
                         tracing::warn!(%address, %error, "entity could not be restarted");
@@ -330,7 +334,7 @@ impl<E: Entity> EntityManager<E> {
                         let reason = error.to_string();
                         while let Some(envelope) = rx.recv().await {
                             self.metrics.mailbox_depth.decrement(1.0);
-                            self.fail(envelope, &reason);
+                            self.fail(*envelope, &reason);
                         }
                         return;
                     }
@@ -342,7 +346,7 @@ impl<E: Entity> EntityManager<E> {
         self.passivate(&address, &mut rx);
         while let Ok(envelope) = rx.try_recv() {
             self.metrics.mailbox_depth.decrement(1.0);
-            match envelope {
+            match *envelope {
                 Envelope::Volatile { reply, .. } => {
                     let _ = reply.send(Err(ClusterError::ShuttingDown));
                 }
@@ -476,7 +480,7 @@ impl<E: Entity> EntityManager<E> {
 
     /// Removes the entity from the map and closes its mailbox, if the mailbox
     /// is empty. Returns whether it did.
-    fn passivate(&self, address: &EntityAddress, rx: &mut mpsc::Receiver<Envelope<E>>) -> bool {
+    fn passivate(&self, address: &EntityAddress, rx: &mut mpsc::Receiver<Mail<E>>) -> bool {
         let mut entities = lock(&self.entities);
         if !rx.is_empty() && !self.svc.shutdown.is_cancelled() {
             return false;
@@ -491,7 +495,7 @@ impl<E: Entity> EntityManager<E> {
     }
 
     /// Sends a message that reached a passivated mailbox to the next activation.
-    fn redispatch(self: &Arc<Self>, address: &EntityAddress, envelope: Envelope<E>) {
+    fn redispatch(self: &Arc<Self>, address: &EntityAddress, envelope: Mail<E>) {
         let mut envelope = envelope;
         loop {
             self.metrics.mailbox_depth.increment(1.0);
@@ -503,7 +507,7 @@ impl<E: Entity> EntityManager<E> {
                 }
                 Err(mpsc::error::TrySendError::Full(returned)) => {
                     self.metrics.mailbox_depth.decrement(1.0);
-                    self.fail(returned, "mailbox full");
+                    self.fail(*returned, "mailbox full");
                     return;
                 }
             }
@@ -565,11 +569,11 @@ impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
                 return true;
             }
         };
-        let mut envelope = Envelope::Persisted {
+        let mut envelope = Box::new(Envelope::Persisted {
             id: message.id,
             request,
             span,
-        };
+        });
         loop {
             manager.metrics.mailbox_depth.increment(1.0);
             match manager.mailbox(&message.address).try_send(envelope) {
