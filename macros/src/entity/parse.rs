@@ -36,8 +36,11 @@ pub(crate) struct Rpc {
     pub(crate) variant: Ident,
     /// The wire tag: the method name (without `r#`). Stored with persisted messages.
     pub(crate) tag: String,
-    /// The arguments after the receiver, in the user's order.
-    pub(crate) inputs: Vec<Input>,
+    /// The arguments that travel in the request, in the user's order.
+    pub(crate) args: Vec<Arg>,
+    /// Where the `&EntityContext` argument is among the arguments after the
+    /// receiver, if the rpc takes one.
+    pub(crate) context: Option<usize>,
     pub(crate) output: Output,
     pub(crate) persisted: bool,
     /// The argument named by `primary_key`.
@@ -46,15 +49,6 @@ pub(crate) struct Rpc {
     pub(crate) docs: Vec<Attribute>,
     /// The method's `#[cfg]`s, repeated on every generated piece of this rpc.
     pub(crate) cfgs: Vec<Attribute>,
-}
-
-/// An argument of an rpc.
-#[derive(Debug)]
-pub(crate) enum Input {
-    /// `&EntityContext`: passed by the dispatch, not part of the request.
-    Context,
-    /// An argument that travels in the request.
-    Arg(Arg),
 }
 
 /// An argument that travels in the request, as a named field.
@@ -68,31 +62,18 @@ pub(crate) struct Arg {
 
 /// What an rpc returns.
 #[derive(Debug)]
-pub(crate) enum Output {
-    /// A plain value: the client returns `Result<T, ClusterError>`. `ty` is
-    /// `None` for a method without `->` (the reply holds `()`).
-    Value(Option<Type>),
-    /// `Result<T, E>`: the client returns `Result<T, ClusterError<E>>`.
-    Result { ty: Type, ok: Type, err: Type },
+pub(crate) struct Output {
+    /// The declared return type; `None` for a method without `->`.
+    pub(crate) ty: Option<Type>,
+    /// `Some((T, E))` when the return type is `Result<T, E>`: the client then
+    /// returns `Result<T, ClusterError<E>>`, else `Result<ty, ClusterError>`.
+    pub(crate) result: Option<(Type, Type)>,
 }
 
 impl Output {
-    /// The type the reply variant holds.
+    /// The type the reply variant holds (`()` for a method without `->`).
     pub(crate) fn reply_type(&self) -> Type {
-        match self {
-            Output::Value(Some(ty)) | Output::Result { ty, .. } => ty.clone(),
-            Output::Value(None) => parse_quote!(()),
-        }
-    }
-}
-
-impl Rpc {
-    /// The arguments that travel in the request.
-    pub(crate) fn args(&self) -> impl Iterator<Item = &Arg> {
-        self.inputs.iter().filter_map(|input| match input {
-            Input::Arg(arg) => Some(arg),
-            Input::Context => None,
-        })
+        self.ty.clone().unwrap_or_else(|| parse_quote!(()))
     }
 }
 
@@ -115,23 +96,26 @@ pub(crate) fn parse(
              impl: the rpcs are the type's own methods",
         );
     }
-    if !block.generics.params.is_empty() || block.generics.where_clause.is_some() {
+    let generic = !block.generics.params.is_empty() || block.generics.where_clause.is_some();
+    if generic {
+        let generics = &block.generics;
+        let where_clause = &generics.where_clause;
         errors.error_spanned_by(
-            &block.generics,
+            quote::quote!(#generics #where_clause),
             "an entity type cannot be generic: each entity type has one wire name and one \
              concrete request enum; write the impl for a concrete type",
         );
     }
-    let ident = entity_ident(&block.self_ty, errors);
+    let ident = entity_ident(&block.self_ty, !generic, errors);
 
+    let has_rpcs = !rpc_methods.is_empty();
     let mut rpcs = Vec::new();
-    for (method, attr) in &rpc_methods {
-        let rpc_options = options::parse_rpc(attr, errors);
-        if let Some(rpc) = parse_rpc(method, rpc_options, &block.self_ty, errors) {
+    for (method, rpc_options) in rpc_methods {
+        if let Some(rpc) = parse_rpc(&method, rpc_options, &block.self_ty, errors) {
             rpcs.push(rpc);
         }
     }
-    if rpc_methods.is_empty() {
+    if !has_rpcs && block.trait_.is_none() {
         errors.error_spanned_by(
             &block.self_ty,
             "an entity needs at least one #[rpc] method: mark an `async fn` of this impl block \
@@ -150,8 +134,11 @@ pub(crate) fn parse(
 }
 
 /// Removes every `#[rpc]` from the block. Returns each method that had one,
-/// with its attribute; `#[rpc]` elsewhere is an error.
-fn strip_rpc_attributes(block: &mut ItemImpl, errors: &mut Errors) -> Vec<(ImplItemFn, Attribute)> {
+/// with the attribute's options; `#[rpc]` elsewhere is an error.
+fn strip_rpc_attributes(
+    block: &mut ItemImpl,
+    errors: &mut Errors,
+) -> Vec<(ImplItemFn, options::RpcOptions)> {
     let mut methods = Vec::new();
     for item in &mut block.items {
         let attrs = match item {
@@ -168,6 +155,7 @@ fn strip_rpc_attributes(block: &mut ItemImpl, errors: &mut Errors) -> Vec<(ImplI
         let Some(first) = rpc_attrs.next() else {
             continue;
         };
+        let rpc_options = options::parse_rpc(&first, errors);
         for repeated in rpc_attrs {
             errors.error_spanned_by(
                 &repeated,
@@ -175,7 +163,7 @@ fn strip_rpc_attributes(block: &mut ItemImpl, errors: &mut Errors) -> Vec<(ImplI
             );
         }
         match item {
-            ImplItem::Fn(method) => methods.push((method.clone(), first)),
+            ImplItem::Fn(method) => methods.push((method.clone(), rpc_options)),
             _ => errors.error_spanned_by(
                 &first,
                 "`#[rpc]` goes on an `async fn` method of the impl block",
@@ -196,13 +184,18 @@ pub(crate) fn is_rpc_attribute(attr: &Attribute) -> bool {
     }
 }
 
-fn entity_ident(self_ty: &Type, errors: &mut Errors) -> Option<Ident> {
+/// The entity type's name. `report_arguments` is false when the impl's own
+/// generics were already reported (`impl<T> Cache<T>`).
+fn entity_ident(self_ty: &Type, report_arguments: bool, errors: &mut Errors) -> Option<Ident> {
     if let Type::Path(path) = self_ty
         && path.qself.is_none()
         && let Some(last) = path.path.segments.last()
     {
         if matches!(last.arguments, PathArguments::None) {
             return Some(last.ident.clone());
+        }
+        if !report_arguments {
+            return None;
         }
         errors.error_spanned_by(
             &last.arguments,
@@ -240,8 +233,10 @@ fn parse_rpc(
         errors.error_spanned_by(unsafety, "an rpc cannot be an `unsafe fn`");
     }
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        let generics = &sig.generics;
+        let where_clause = &generics.where_clause;
         errors.error_spanned_by(
-            &sig.generics,
+            quote::quote!(#generics #where_clause),
             format!(
                 "rpc `{tag}` cannot be generic (no type, const or lifetime parameters): each rpc \
                  is one variant of a concrete request enum; use concrete, owned types"
@@ -271,12 +266,13 @@ fn parse_rpc(
     }
 
     let variant = variant_ident(name);
-    let mut parsed_inputs = Vec::new();
-    let mut context: Option<&Type> = None;
-    for input in sig.inputs.iter().filter_map(|input| match input {
+    let mut args = Vec::new();
+    let mut context = None;
+    let typed_inputs = sig.inputs.iter().filter_map(|input| match input {
         FnArg::Typed(typed) => Some(typed),
         FnArg::Receiver(_) => None,
-    }) {
+    });
+    for (position, input) in typed_inputs.enumerate() {
         if is_context(&input.ty) {
             if let Type::Reference(reference) = &*input.ty
                 && let Some(mutability) = &reference.mutability
@@ -292,8 +288,7 @@ fn parse_rpc(
                     format!("rpc `{tag}` takes `&EntityContext` twice; take it once"),
                 );
             }
-            context = Some(&input.ty);
-            parsed_inputs.push(Input::Context);
+            context = Some(position);
             continue;
         }
         let Some(arg_name) = argument_name(&input.pat, &tag, &variant, errors) else {
@@ -304,20 +299,23 @@ fn parse_rpc(
             &format!("argument `{}`", unraw(&arg_name)),
             errors,
         );
-        parsed_inputs.push(Input::Arg(Arg {
+        args.push(Arg {
             name: arg_name,
             ty: replace_self(&input.ty, self_ty),
-        }));
+        });
     }
 
     let output = match &sig.output {
-        ReturnType::Default => Output::Value(None),
+        ReturnType::Default => Output {
+            ty: None,
+            result: None,
+        },
         ReturnType::Type(_, ty) => {
             check_owned(ty, "the return type", errors);
             let ty = replace_self(ty, self_ty);
-            match result_arguments(&ty) {
-                Some((ok, err)) => Output::Result { ty, ok, err },
-                None => Output::Value(Some(ty)),
+            Output {
+                result: result_arguments(&ty),
+                ty: Some(ty),
             }
         }
     };
@@ -326,7 +324,8 @@ fn parse_rpc(
         method: name.clone(),
         variant,
         tag,
-        inputs: parsed_inputs,
+        args,
+        context,
         output,
         persisted: options.persisted,
         primary_key: None,
@@ -461,11 +460,13 @@ fn primary_key(rpc: &Rpc, key: &Ident, arg: &Ident, errors: &mut Errors) -> Opti
         );
     }
     let found = rpc
-        .args()
+        .args
+        .iter()
         .find(|candidate| unraw(&candidate.name) == unraw(arg));
     if found.is_none() {
         let names: Vec<String> = rpc
-            .args()
+            .args
+            .iter()
             .map(|a| format!("`{}`", unraw(&a.name)))
             .collect();
         let listed = if names.is_empty() {
