@@ -80,5 +80,11 @@ async fn main() {
     }
     let balance: Result<i64, ClusterError> = account.balance().await;
     assert_eq!(balance.unwrap(), 0);
+    // Client calls are `Send` futures: they can run on spawned tasks.
+    let spawned = tokio::spawn({
+        let account = account.clone();
+        async move { account.balance().await }
+    });
+    assert_eq!(spawned.await.unwrap().unwrap(), 0);
     cluster.shutdown().await;
 }

@@ -5,7 +5,7 @@ use proc_macro2::TokenStream;
 use quote::quote;
 
 use super::expand::{client_ident, doc, reply_ident, request_ident, visibility_allows};
-use super::parse::{Entity, Rpc, unraw};
+use super::model::{Entity, Rpc, unraw};
 use crate::private;
 
 pub(super) fn client(entity: &Entity) -> TokenStream {

@@ -10,7 +10,7 @@ use syn::spanned::Spanned;
 use syn::{ItemImpl, Type};
 
 use super::client;
-use super::parse::{Entity, Rpc};
+use super::model::{Entity, Rpc};
 use crate::duration;
 use crate::private;
 
@@ -87,7 +87,7 @@ fn request_enum(entity: &Entity) -> TokenStream {
         } = rpc;
         let fields = rpc.args.iter().map(|arg| {
             let (field, ty) = (&arg.name, &arg.ty);
-            let field_doc = doc(&format!("Argument `{}`.", super::parse::unraw(field)));
+            let field_doc = doc(&format!("Argument `{}`.", super::model::unraw(field)));
             quote!(#field_doc #field: #ty)
         });
         let variant_doc = doc(&format!("The arguments of rpc `{tag}`."));
@@ -156,7 +156,7 @@ fn entity_impl(entity: &Entity) -> TokenStream {
         .options
         .name
         .as_ref()
-        .map_or_else(|| super::parse::unraw(&entity.ident), syn::LitStr::value);
+        .map_or_else(|| super::model::unraw(&entity.ident), syn::LitStr::value);
 
     let max_idle = match entity.options.max_idle {
         Some(max_idle) => duration::to_tokens(max_idle),
