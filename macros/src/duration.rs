@@ -34,7 +34,7 @@ pub(crate) fn to_tokens(duration: Duration) -> TokenStream {
     let secs = duration.as_secs();
     if nanos == 0 {
         quote!(#private::Duration::from_secs(#secs))
-    } else if nanos % 1_000_000 == 0 {
+    } else if nanos.is_multiple_of(1_000_000) {
         let millis = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
         quote!(#private::Duration::from_millis(#millis))
     } else {

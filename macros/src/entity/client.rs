@@ -5,7 +5,7 @@ use proc_macro2::TokenStream;
 use quote::quote;
 
 use super::expand::{client_ident, doc, reply_ident, request_ident, visibility_allows};
-use super::parse::{Entity, Output, Rpc, unraw};
+use super::model::{Entity, Rpc, unraw};
 use crate::private;
 
 pub(super) fn client(entity: &Entity) -> TokenStream {
@@ -84,19 +84,19 @@ fn method(entity: &Entity, rpc: &Rpc) -> TokenStream {
         docs,
         ..
     } = rpc;
-    let params = rpc.args().map(|arg| {
+    let params = rpc.args.iter().map(|arg| {
         let (name, ty) = (&arg.name, &arg.ty);
         quote!(#name: #ty)
     });
-    let fields = rpc.args().map(|arg| &arg.name);
+    let fields = rpc.args.iter().map(|arg| &arg.name);
 
-    let (returns, on_reply, on_error) = match &rpc.output {
-        Output::Result { ok, err, .. } => (
+    let (returns, on_reply, on_error) = match &rpc.output.result {
+        Some((ok, err)) => (
             quote!(::core::result::Result<#ok, #private::ClusterError<#err>>),
             quote!(__result.map_err(#private::ClusterError::Handler)),
             quote!(__error.widen()),
         ),
-        Output::Value(_) => {
+        None => {
             let value = rpc.output.reply_type();
             (
                 quote!(::core::result::Result<#value, #private::ClusterError>),

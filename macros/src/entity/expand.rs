@@ -10,7 +10,7 @@ use syn::spanned::Spanned;
 use syn::{ItemImpl, Type};
 
 use super::client;
-use super::parse::{Entity, Input, Output, Rpc};
+use super::model::{Entity, Rpc};
 use crate::duration;
 use crate::private;
 
@@ -22,13 +22,15 @@ pub(super) fn expand(block: &ItemImpl, entity: &Entity) -> TokenStream {
     let entity_impl = entity_impl(entity);
     let debug_impls = debug_impls(entity);
     let checks = checks(entity);
+    // The checks come first: rustc reports errors roughly in source order, so
+    // the messages that point at the user's type lead.
     quote! {
         #block
+        #checks
         #request
         #reply
         #client
         const _: () = {
-            #checks
             #entity_impl
             #debug_impls
         };
@@ -83,9 +85,9 @@ fn request_enum(entity: &Entity) -> TokenStream {
         let Rpc {
             variant, cfgs, tag, ..
         } = rpc;
-        let fields = rpc.args().map(|arg| {
+        let fields = rpc.args.iter().map(|arg| {
             let (field, ty) = (&arg.name, &arg.ty);
-            let field_doc = doc(&format!("Argument `{}`.", super::parse::unraw(field)));
+            let field_doc = doc(&format!("Argument `{}`.", super::model::unraw(field)));
             quote!(#field_doc #field: #ty)
         });
         let variant_doc = doc(&format!("The arguments of rpc `{tag}`."));
@@ -154,7 +156,7 @@ fn entity_impl(entity: &Entity) -> TokenStream {
         .options
         .name
         .as_ref()
-        .map_or_else(|| super::parse::unraw(&entity.ident), syn::LitStr::value);
+        .map_or_else(|| super::model::unraw(&entity.ident), syn::LitStr::value);
 
     let max_idle = match entity.options.max_idle {
         Some(max_idle) => duration::to_tokens(max_idle),
@@ -166,7 +168,8 @@ fn entity_impl(entity: &Entity) -> TokenStream {
     };
     let persisted_state = entity.options.persisted_state;
 
-    // Spanned on the self type: a missing `Default` is reported on it.
+    // Spanned on the self type: a missing `Default` is reported there, once.
+    // (A separate `assert_default` would only repeat the same error.)
     let create = quote_spanned! {self_ty.span()=>
         <#self_ty as ::core::default::Default>::default()
     };
@@ -216,14 +219,11 @@ fn entity_impl(entity: &Entity) -> TokenStream {
             cfgs,
             ..
         } = rpc;
-        let fields = rpc.args().map(|arg| &arg.name);
-        let call_args = rpc.inputs.iter().map(|input| match input {
-            Input::Context => quote!(__ctx),
-            Input::Arg(arg) => {
-                let name = &arg.name;
-                quote!(#name)
-            }
-        });
+        let fields = rpc.args.iter().map(|arg| &arg.name);
+        let mut call_args: Vec<TokenStream> = fields.clone().map(|name| quote!(#name)).collect();
+        if let Some(position) = rpc.context {
+            call_args.insert(position, quote!(__ctx));
+        }
         // A path call, not `self.method()`: method-call lookup could pick a
         // trait method of the same name (`handle`, `describe`) over the rpc.
         quote! {
@@ -234,20 +234,30 @@ fn entity_impl(entity: &Entity) -> TokenStream {
         }
     });
 
+    // Spanned on the self type: these calls are the check that the state is
+    // serializable, reported on the type.
     let state = persisted_state.then(|| {
+        // Every token of the call carries the span (the path too), so that
+        // rustc, which reports an unmet bound on the whole call, lands on the type.
+        let encode = quote_spanned! {self_ty.span()=>
+            ::flotilla::__private::encode_state::<#self_ty>(self)
+        };
+        let decode = quote_spanned! {self_ty.span()=>
+            ::flotilla::__private::decode_state::<#self_ty>(__bytes)
+        };
         quote! {
             fn encode_state(
                 &self,
             ) -> ::core::option::Option<
                 ::core::result::Result<::std::vec::Vec<u8>, #private::EncodeError>,
             > {
-                ::core::option::Option::Some(#private::encode_state(self))
+                ::core::option::Option::Some(#encode)
             }
 
             fn decode_state(
                 __bytes: &[u8],
             ) -> ::core::option::Option<::core::result::Result<Self, #private::DecodeError>> {
-                ::core::option::Option::Some(#private::decode_state(__bytes))
+                ::core::option::Option::Some(#decode)
             }
         }
     });
@@ -340,25 +350,23 @@ fn debug_impls(entity: &Entity) -> TokenStream {
 /// Compile-time checks, each spanned on the user's token so that an error
 /// (a type that is not serializable, an entity without `Default`) is reported
 /// where the fix goes.
+///
+/// `Default` and, with `state = persisted`, the state's serde impls are
+/// checked where they are used (`create`, `encode_state`, `decode_state`),
+/// with the same span.
 fn checks(entity: &Entity) -> TokenStream {
     let private = private();
-    let self_ty = &entity.self_ty;
-    let mut checks = vec![quote_spanned! {self_ty.span()=>
-        #private::assert_default::<#self_ty>();
-    }];
-    if entity.options.persisted_state {
-        checks.push(wire_type(self_ty));
-    }
+    let mut checks = Vec::new();
     for rpc in &entity.rpcs {
         let cfgs = &rpc.cfgs;
-        let mut rpc_checks: Vec<TokenStream> = rpc.args().map(|arg| wire_type(&arg.ty)).collect();
-        match &rpc.output {
-            Output::Value(Some(ty)) => rpc_checks.push(wire_type(ty)),
-            Output::Value(None) => {}
-            Output::Result { ok, err, .. } => {
+        let mut rpc_checks: Vec<TokenStream> =
+            rpc.args.iter().map(|arg| wire_type(&arg.ty)).collect();
+        match &rpc.output.result {
+            Some((ok, err)) => {
                 rpc_checks.push(wire_type(ok));
                 rpc_checks.push(wire_type(err));
             }
+            None => rpc_checks.extend(rpc.output.ty.as_ref().map(wire_type)),
         }
         if let Some(arg) = &rpc.primary_key {
             let ty = &arg.ty;

@@ -1,12 +1,14 @@
 //! `#[entity]`: an `impl` block becomes an entity type.
 //!
-//! [`parse`] checks the block and builds the model, [`expand`] and [`client`]
-//! generate the request and reply enums, the `Entity` impl and the typed
-//! client from it.
+//! [`parse`] checks the block (and [`rpc`] each method) and builds the
+//! [`model`]; [`expand`] and [`client`] generate the request and reply enums,
+//! the `Entity` impl and the typed client from it.
 
 mod client;
 mod expand;
+mod model;
 mod parse;
+mod rpc;
 #[cfg(test)]
 mod tests;
 

@@ -303,7 +303,7 @@ fn names_that_would_clash_are_rejected() {
 
 #[test]
 fn variant_names_are_upper_camel_case() {
-    use super::parse::variant_ident;
+    use super::model::variant_ident;
     let cases = [
         ("deposit", "Deposit"),
         ("get_balance", "GetBalance"),

@@ -1,0 +1,10 @@
+use flotilla::prelude::*;
+
+#[entity]
+async fn balance() -> i64 {
+    0
+}
+
+fn main() {
+    let _ = balance();
+}

@@ -1,0 +1,8 @@
+//! Every diagnostic of `#[entity]` and `#[rpc]`, and the programs they must accept.
+
+#[test]
+fn ui() {
+    let t = trybuild::TestCases::new();
+    t.pass("pass/*.rs");
+    t.compile_fail("fail/*.rs");
+}
