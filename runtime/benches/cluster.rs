@@ -56,7 +56,10 @@ const SMOKE: Scale = Scale {
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     // `cargo bench -p flotilla --bench cluster -- persisted` runs the cases whose name contains the word.
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_default();
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
     let scale = if full { FULL } else { SMOKE };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -87,11 +90,17 @@ async fn run(scale: &Scale, full: bool, filter: &str) {
     }
     let name = "volatile local call, 1 caller";
     if wanted(name) {
-        report(name, drive(&cluster, &ids, 1, scale.volatile_calls / 4, false).await);
+        report(
+            name,
+            drive(&cluster, &ids, 1, scale.volatile_calls / 4, false).await,
+        );
     }
     let name = "volatile local call, 64 callers over 1,000 entities";
     if wanted(name) {
-        report(name, drive(&cluster, &ids, 64, scale.volatile_calls, false).await);
+        report(
+            name,
+            drive(&cluster, &ids, 64, scale.volatile_calls, false).await,
+        );
     }
     cluster.shutdown().await;
 
@@ -103,11 +112,17 @@ async fn run(scale: &Scale, full: bool, filter: &str) {
         .expect("start on SQLite");
     let name = "persisted call on SQLite, 1 caller";
     if wanted(name) {
-        report(name, drive(&cluster, &ids, 1, scale.persisted_single, true).await);
+        report(
+            name,
+            drive(&cluster, &ids, 1, scale.persisted_single, true).await,
+        );
     }
     let name = "persisted call on SQLite, 64 callers over 1,000 entities";
     if wanted(name) {
-        report(name, drive(&cluster, &ids, 64, scale.persisted_many, true).await);
+        report(
+            name,
+            drive(&cluster, &ids, 64, scale.persisted_many, true).await,
+        );
     }
     cluster.shutdown().await;
 

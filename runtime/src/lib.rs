@@ -63,7 +63,7 @@ pub use cluster::{Cluster, ClusterBuilder};
 pub use config::{ClusterConfig, StorageConfig};
 pub use entity::{Entity, EntityContext, EntityOptions, RequestInfo, StageError};
 pub use error::{ClusterError, ConfigError, DecodeError, EncodeError, StartError, StorageError};
-pub use flotilla_macros::entity;
+pub use flotilla_macros::{entity, rpc};
 pub use sharding::{EntityAddress, RunnerId, ShardId};
 pub use snowflake::{Snowflake, SnowflakeGenerator};
 
@@ -71,6 +71,7 @@ pub use snowflake::{Snowflake, SnowflakeGenerator};
 pub mod prelude {
     pub use crate::{
         Cluster, ClusterConfig, ClusterError, EntityContext, EntityRef, ShardId, Snowflake, entity,
+        rpc,
     };
     pub use serde::{Deserialize, Serialize};
 }
@@ -81,9 +82,13 @@ pub mod __private {
     pub use ::rmp_serde;
     pub use ::serde;
     pub use ::std::boxed::Box;
-    pub use ::std::convert::Infallible;
+    pub use ::std::convert::{From, Infallible};
+    pub use ::std::default::Default;
+    pub use ::std::option::Option;
+    pub use ::std::result::Result;
     pub use ::std::string::String;
     pub use ::std::time::{Duration, SystemTime};
+    pub use ::std::vec::Vec;
     pub use ::tracing;
 
     pub use crate::client::EntityRef;

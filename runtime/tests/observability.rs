@@ -6,7 +6,6 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use flotilla::prelude::*;
 use metrics_util::MetricKind;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tracing::field::{Field, Visit};

@@ -1,4 +1,4 @@
-use flotilla_macros::rpc;
+use flotilla::rpc;
 
 #[derive(Default)]
 pub struct Account {

@@ -190,6 +190,9 @@ impl Cluster {
     pub async fn shutdown(&self) -> bool {
         let core = &self.core;
         core.shutdown.cancel();
+        for registered in core.types.values() {
+            registered.erased.stop_all();
+        }
         core.entity_tasks.close();
         core.tasks.close();
         let finished = tokio::time::timeout(core.config.shutdown_timeout, async {

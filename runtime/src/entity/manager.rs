@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::cluster::Services;
 use crate::codec;
+use crate::entity::mailbox::{Mailbox, SendError};
 use crate::entity::{Entity, EntityContext, EntityOptions, RequestInfo};
 use crate::error::ClusterError;
 use crate::sharding::EntityAddress;
@@ -47,6 +48,8 @@ pub(crate) trait StoredDispatch: Send + Sync {
     fn dispatch_stored(&self, message: StoredMessage) -> bool;
     /// Number of active entities.
     fn active(&self) -> usize;
+    /// Stops every active entity once its current handler returns.
+    fn stop_all(&self);
 }
 
 /// Cached metric handles of one entity type.
@@ -76,7 +79,7 @@ impl TypeMetrics {
 pub(crate) struct EntityManager<E: Entity> {
     svc: Arc<Services>,
     options: EntityOptions,
-    entities: Mutex<HashMap<Arc<str>, mpsc::Sender<Mail<E>>>>,
+    entities: Mutex<HashMap<Arc<str>, Arc<Mailbox<Mail<E>>>>>,
     metrics: TypeMetrics,
 }
 
@@ -91,14 +94,19 @@ impl<E: Entity> EntityManager<E> {
     }
 
     /// The mailbox of the entity at `address`, activating it if needed.
-    fn mailbox(self: &Arc<Self>, address: &EntityAddress) -> mpsc::Sender<Mail<E>> {
+    fn mailbox(self: &Arc<Self>, address: &EntityAddress) -> Arc<Mailbox<Mail<E>>> {
         let mut entities = lock(&self.entities);
-        if let Some(sender) = entities.get(&address.entity_id)
-            && !sender.is_closed()
+        if let Some(mailbox) = entities.get(&address.entity_id)
+            && !mailbox.is_closed()
         {
-            return sender.clone();
+            return mailbox.clone();
         }
-        let (tx, rx) = mpsc::channel(self.options.mailbox);
+        let tx = Arc::new(Mailbox::new(self.options.mailbox));
+        let rx = tx.clone();
+        if self.svc.shutdown.is_cancelled() {
+            // Shutdown stops every mailbox in the map; this one came too late for that.
+            tx.stop();
+        }
         entities.insert(address.entity_id.clone(), tx.clone());
         self.metrics.active.increment(1.0);
         let manager = self.clone();
@@ -128,7 +136,7 @@ impl<E: Entity> EntityManager<E> {
             self.metrics.mailbox_depth.increment(1.0);
             match self.mailbox(address).try_send(envelope) {
                 Ok(()) => break,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(SendError::Full(_)) => {
                     self.metrics.mailbox_depth.decrement(1.0);
                     return Err(ClusterError::MailboxFull {
                         entity_type: E::NAME.to_owned(),
@@ -137,7 +145,7 @@ impl<E: Entity> EntityManager<E> {
                     });
                 }
                 // The entity passivated between lookup and send: activate anew.
-                Err(mpsc::error::TrySendError::Closed(returned)) => {
+                Err(SendError::Closed(returned)) => {
                     self.metrics.mailbox_depth.decrement(1.0);
                     envelope = returned;
                 }
@@ -216,7 +224,8 @@ impl<E: Entity> EntityManager<E> {
         }
     }
 
-    /// Hands a just-stored message to its entity, waiting for mailbox room.
+    /// Hands a just-stored message to its entity. It is never refused for a
+    /// full mailbox: it is stored, and this caller adds at most one.
     async fn dispatch_persisted(
         self: &Arc<Self>,
         address: &EntityAddress,
@@ -228,12 +237,12 @@ impl<E: Entity> EntityManager<E> {
         let mut envelope = Box::new(Envelope::Persisted { id, request, span });
         loop {
             self.metrics.mailbox_depth.increment(1.0);
-            match self.mailbox(address).send(envelope).await {
+            match self.mailbox(address).send_stored(envelope) {
                 Ok(()) => {
                     claim.keep();
                     return;
                 }
-                Err(mpsc::error::SendError(returned)) => {
+                Err(SendError::Closed(returned) | SendError::Full(returned)) => {
                     self.metrics.mailbox_depth.decrement(1.0);
                     if self.svc.shutdown.is_cancelled() {
                         return;
@@ -269,25 +278,11 @@ impl<E: Entity> EntityManager<E> {
     }
 
     /// The entity's task: one message at a time until idle, shutdown or failure.
-    async fn run_entity(
-        self: Arc<Self>,
-        address: EntityAddress,
-        mut rx: mpsc::Receiver<Mail<E>>,
-    ) {
+    async fn run_entity(self: Arc<Self>, address: EntityAddress, rx: Arc<Mailbox<Mail<E>>>) {
         let mut instance = match Box::pin(self.load(&self.context(&address, None))).await {
             Ok(instance) => instance,
-            Err(error) => {
-                tracing::warn!(%address, %error, "entity could not be activated");
-                self.passivate(&address, &mut rx);
-                let reason = error.to_string();
-                while let Some(envelope) = rx.recv().await {
-                    self.metrics.mailbox_depth.decrement(1.0);
-                    self.fail(*envelope, &reason);
-                }
-                return;
-            }
+            Err(error) => return self.give_up(&address, &rx, &error),
         };
-        let shutdown = self.svc.shutdown.clone();
         let max_idle = self.options.max_idle;
         // One idle timer for the entity's life, re-armed lazily: a message only
         // records the time, so the hot path touches no timer.
@@ -297,26 +292,19 @@ impl<E: Entity> EntityManager<E> {
         loop {
             let envelope = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break,
                 next = rx.recv() => match next {
                     Some(envelope) => envelope,
-                    None => return,
+                    None => break, // stopped by shutdown
                 },
                 () = &mut idle => {
                     let due = last_message + max_idle;
                     if tokio::time::Instant::now() < due {
                         idle.as_mut().reset(due);
-                        continue;
-                    }
-                    if self.passivate(&address, &mut rx) {
-                        // Messages that slipped in before the mailbox closed go to the next activation.
-                        while let Some(envelope) = rx.recv().await {
-                            self.metrics.mailbox_depth.decrement(1.0);
-                            self.redispatch(&address, envelope);
-                        }
+                    } else if self.passivate(&address, &rx, false) {
                         return;
+                    } else {
+                        idle.as_mut().reset(tokio::time::Instant::now() + max_idle);
                     }
-                    idle.as_mut().reset(tokio::time::Instant::now() + max_idle);
                     continue;
                 }
             };
@@ -328,23 +316,14 @@ impl<E: Entity> EntityManager<E> {
                 // state may differ from what is stored. Start again from storage.
                 match Box::pin(self.load(&self.context(&address, None))).await {
                     Ok(fresh) => instance = fresh,
-                    Err(error) => {
-                        tracing::warn!(%address, %error, "entity could not be restarted");
-                        self.passivate(&address, &mut rx);
-                        let reason = error.to_string();
-                        while let Some(envelope) = rx.recv().await {
-                            self.metrics.mailbox_depth.decrement(1.0);
-                            self.fail(*envelope, &reason);
-                        }
-                        return;
-                    }
+                    Err(error) => return self.give_up(&address, &rx, &error),
                 }
             }
         }
         // Shutdown: the handler under way has finished. Queued volatile calls fail;
         // queued persisted messages stay stored and are resumed on the next start.
-        self.passivate(&address, &mut rx);
-        while let Ok(envelope) = rx.try_recv() {
+        self.passivate(&address, &rx, true);
+        while let Some(envelope) = rx.try_recv() {
             self.metrics.mailbox_depth.decrement(1.0);
             match *envelope {
                 Envelope::Volatile { reply, .. } => {
@@ -352,6 +331,17 @@ impl<E: Entity> EntityManager<E> {
                 }
                 Envelope::Persisted { id, .. } => self.svc.in_flight.release(id),
             }
+        }
+    }
+
+    /// The entity cannot be (re)loaded: retire it and fail what it holds.
+    fn give_up(&self, address: &EntityAddress, rx: &Mailbox<Mail<E>>, error: &ClusterError) {
+        tracing::warn!(%address, %error, "entity could not be activated");
+        self.passivate(address, rx, true);
+        let reason = error.to_string();
+        while let Some(envelope) = rx.try_recv() {
+            self.metrics.mailbox_depth.decrement(1.0);
+            self.fail(*envelope, &reason);
         }
     }
 
@@ -478,39 +468,30 @@ impl<E: Entity> EntityManager<E> {
         }
     }
 
-    /// Removes the entity from the map and closes its mailbox, if the mailbox
-    /// is empty. Returns whether it did.
-    fn passivate(&self, address: &EntityAddress, rx: &mut mpsc::Receiver<Mail<E>>) -> bool {
+    /// Closes the entity's mailbox and removes it from the map — only if the
+    /// mailbox is empty, unless `force`. Returns whether it did. Closing
+    /// happens under the mailbox's lock, so no message can land after it: a
+    /// sender that still holds the mailbox gets `Closed` and activates anew.
+    fn passivate(&self, address: &EntityAddress, rx: &Mailbox<Mail<E>>, force: bool) -> bool {
         let mut entities = lock(&self.entities);
-        if !rx.is_empty() && !self.svc.shutdown.is_cancelled() {
+        if force {
+            rx.close();
+        } else if !rx.close_if_empty() {
             return false;
         }
-        // While our mailbox is open the map entry is ours; after it closes a
-        // new activation may own the entry.
-        if !rx.is_closed() {
+        if entities
+            .get(&address.entity_id)
+            .is_some_and(|m| std::ptr::eq(&**m, rx))
+        {
             entities.remove(&address.entity_id);
         }
-        rx.close();
         true
     }
 
-    /// Sends a message that reached a passivated mailbox to the next activation.
-    fn redispatch(self: &Arc<Self>, address: &EntityAddress, envelope: Mail<E>) {
-        let mut envelope = envelope;
-        loop {
-            self.metrics.mailbox_depth.increment(1.0);
-            match self.mailbox(address).try_send(envelope) {
-                Ok(()) => return,
-                Err(mpsc::error::TrySendError::Closed(returned)) => {
-                    self.metrics.mailbox_depth.decrement(1.0);
-                    envelope = returned;
-                }
-                Err(mpsc::error::TrySendError::Full(returned)) => {
-                    self.metrics.mailbox_depth.decrement(1.0);
-                    self.fail(*returned, "mailbox full");
-                    return;
-                }
-            }
+    /// Stops every active entity after its current handler (shutdown).
+    fn stop_all(&self) {
+        for mailbox in lock(&self.entities).values() {
+            mailbox.stop();
         }
     }
 
@@ -581,11 +562,11 @@ impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
                     claim.keep();
                     return true;
                 }
-                Err(mpsc::error::TrySendError::Closed(returned)) => {
+                Err(SendError::Closed(returned)) => {
                     manager.metrics.mailbox_depth.decrement(1.0);
                     envelope = returned;
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(SendError::Full(_)) => {
                     manager.metrics.mailbox_depth.decrement(1.0);
                     return false;
                 }
@@ -595,6 +576,10 @@ impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
 
     fn active(&self) -> usize {
         lock(&self.entities).len()
+    }
+
+    fn stop_all(&self) {
+        EntityManager::stop_all(self);
     }
 }
 

@@ -6,6 +6,7 @@
 //! meet; its shape may change between minor versions.
 
 mod context;
+mod mailbox;
 pub(crate) mod manager;
 
 use std::future::Future;
