@@ -46,7 +46,7 @@ pub(crate) struct Services {
 /// One registered entity type: typed for clients, erased for delivery.
 struct RegisteredType {
     typed: Box<dyn Any + Send + Sync>,
-    erased: Box<dyn StoredDispatch>,
+    erased: Arc<dyn StoredDispatch>,
 }
 
 /// The shared core behind a [`Cluster`] handle and every client.
@@ -289,7 +289,7 @@ impl ClusterBuilder {
             let manager = EntityManager::<E>::new(svc);
             RegisteredType {
                 typed: Box::new(manager.clone()),
-                erased: Box::new(manager),
+                erased: Arc::new(manager),
             }
         }
         self.registrations.push((E::NAME, make::<E>));
@@ -350,9 +350,26 @@ impl ClusterBuilder {
             writer_tasks,
         });
         svc.tasks.spawn(delivery::run(core.clone()));
+        for registered in core.types.values() {
+            svc.tasks
+                .spawn(idle_sweeper(svc.clone(), registered.erased.clone()));
+        }
         svc.tasks.spawn(retention(svc.clone()));
         tracing::info!(runner = %svc.runner, "flotilla cluster started");
         Ok(Cluster { core })
+    }
+}
+
+/// Passivates idle entities of one type. It runs every quarter of `max_idle`
+/// (at least every 10 ms, at most every 10 s), so an entity is passivated
+/// between `max_idle` and `max_idle` plus that period after its last message.
+async fn idle_sweeper(svc: Arc<Services>, entities: Arc<dyn StoredDispatch>) {
+    let every = (entities.max_idle() / 4).clamp(Duration::from_millis(10), Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            () = svc.shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => entities.passivate_idle(),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::Mutex;
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 /// Why a message was not enqueued; the message comes back.
 #[derive(Debug)]
@@ -25,6 +26,10 @@ struct State<T> {
     receiver: Option<Waker>,
     closed: bool,
     stopped: bool,
+    /// A message was taken and its handler has not reported `done` yet.
+    busy: bool,
+    /// When the entity last finished a message (or was activated).
+    last_active: Instant,
 }
 
 /// A bounded multi-producer, single-consumer queue.
@@ -42,6 +47,8 @@ impl<T> Mailbox<T> {
                 receiver: None,
                 closed: false,
                 stopped: false,
+                busy: false,
+                last_active: Instant::now(),
             }),
             capacity,
         }
@@ -91,6 +98,7 @@ impl<T> Mailbox<T> {
                 return Poll::Ready(None);
             }
             if let Some(message) = state.queue.pop_front() {
+                state.busy = true;
                 return Poll::Ready(Some(message));
             }
             if state.closed {
@@ -110,13 +118,33 @@ impl<T> Mailbox<T> {
         self.lock().queue.pop_front()
     }
 
-    /// Closes the mailbox if it is empty (passivation). Returns whether it did.
-    pub(crate) fn close_if_empty(&self) -> bool {
+    /// The receiver finished the message it took.
+    pub(crate) fn done(&self) {
         let mut state = self.lock();
-        if state.queue.is_empty() {
+        state.busy = false;
+        state.last_active = Instant::now();
+    }
+
+    /// Closes the mailbox if nothing arrived or ran for `max_idle`
+    /// (passivation); the receiver's `recv` then returns `None`. Returns
+    /// whether it closed.
+    pub(crate) fn close_if_idle(&self, max_idle: Duration, now: Instant) -> bool {
+        let waker = {
+            let mut state = self.lock();
+            if state.closed
+                || state.busy
+                || !state.queue.is_empty()
+                || now.saturating_duration_since(state.last_active) < max_idle
+            {
+                return false;
+            }
             state.closed = true;
+            state.receiver.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
         }
-        state.closed
+        true
     }
 
     /// Closes the mailbox: later sends fail with `Closed`; queued messages
@@ -174,10 +202,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_an_idle_empty_mailbox_closes_for_idleness() {
+        let mailbox = Mailbox::new(4);
+        let later = Instant::now() + Duration::from_secs(10);
+        assert!(
+            !mailbox.close_if_idle(Duration::from_secs(60), later),
+            "not idle long enough"
+        );
+        mailbox.try_send(1).unwrap();
+        assert!(
+            !mailbox.close_if_idle(Duration::ZERO, later),
+            "a message is queued"
+        );
+        assert_eq!(mailbox.recv().await, Some(1));
+        assert!(
+            !mailbox.close_if_idle(Duration::ZERO, later),
+            "its handler is running"
+        );
+        mailbox.done();
+        assert!(mailbox.close_if_idle(Duration::ZERO, later));
+        assert!(mailbox.is_closed());
+        assert_eq!(mailbox.recv().await, None);
+    }
+
+    #[tokio::test]
     async fn close_keeps_queued_messages_and_stop_does_not() {
         let mailbox = Mailbox::new(4);
         mailbox.try_send(1).unwrap();
-        assert!(!mailbox.close_if_empty());
         mailbox.close();
         assert!(matches!(mailbox.try_send(2), Err(SendError::Closed(2))));
         assert_eq!(mailbox.recv().await, Some(1));

@@ -50,6 +50,10 @@ pub(crate) trait StoredDispatch: Send + Sync {
     fn active(&self) -> usize;
     /// Stops every active entity once its current handler returns.
     fn stop_all(&self);
+    /// Passivates the entities idle for the type's `max_idle`.
+    fn passivate_idle(&self);
+    /// The type's `max_idle`.
+    fn max_idle(&self) -> std::time::Duration;
 }
 
 /// Cached metric handles of one entity type.
@@ -283,34 +287,12 @@ impl<E: Entity> EntityManager<E> {
             Ok(instance) => instance,
             Err(error) => return self.give_up(&address, &rx, &error),
         };
-        let max_idle = self.options.max_idle;
-        // One idle timer for the entity's life, re-armed lazily: a message only
-        // records the time, so the hot path touches no timer.
-        let mut last_message = tokio::time::Instant::now();
-        let idle = tokio::time::sleep_until(last_message + max_idle);
-        tokio::pin!(idle);
-        loop {
-            let envelope = tokio::select! {
-                biased;
-                next = rx.recv() => match next {
-                    Some(envelope) => envelope,
-                    None => break, // stopped by shutdown
-                },
-                () = &mut idle => {
-                    let due = last_message + max_idle;
-                    if tokio::time::Instant::now() < due {
-                        idle.as_mut().reset(due);
-                    } else if self.passivate(&address, &rx, false) {
-                        return;
-                    } else {
-                        idle.as_mut().reset(tokio::time::Instant::now() + max_idle);
-                    }
-                    continue;
-                }
-            };
+        // Passivation is the idle sweeper's job (`passivate_idle`): it closes
+        // the mailbox, and `recv` returns `None`. No timer per entity.
+        while let Some(envelope) = rx.recv().await {
             self.metrics.mailbox_depth.decrement(1.0);
             let healthy = Box::pin(self.handle(&address, &mut instance, *envelope)).await;
-            last_message = tokio::time::Instant::now();
+            rx.done();
             if !healthy {
                 // A panic, or a completion that was not recorded: the in-memory
                 // state may differ from what is stored. Start again from storage.
@@ -320,9 +302,10 @@ impl<E: Entity> EntityManager<E> {
                 }
             }
         }
-        // Shutdown: the handler under way has finished. Queued volatile calls fail;
-        // queued persisted messages stay stored and are resumed on the next start.
-        self.passivate(&address, &rx, true);
+        // Passivated (nothing queued), or stopped by shutdown after the handler
+        // under way finished: queued volatile calls fail, queued persisted
+        // messages stay stored and are resumed on the next start.
+        self.passivate(&address, &rx);
         while let Some(envelope) = rx.try_recv() {
             self.metrics.mailbox_depth.decrement(1.0);
             match *envelope {
@@ -337,7 +320,7 @@ impl<E: Entity> EntityManager<E> {
     /// The entity cannot be (re)loaded: retire it and fail what it holds.
     fn give_up(&self, address: &EntityAddress, rx: &Mailbox<Mail<E>>, error: &ClusterError) {
         tracing::warn!(%address, %error, "entity could not be activated");
-        self.passivate(address, rx, true);
+        self.passivate(address, rx);
         let reason = error.to_string();
         while let Some(envelope) = rx.try_recv() {
             self.metrics.mailbox_depth.decrement(1.0);
@@ -468,24 +451,26 @@ impl<E: Entity> EntityManager<E> {
         }
     }
 
-    /// Closes the entity's mailbox and removes it from the map — only if the
-    /// mailbox is empty, unless `force`. Returns whether it did. Closing
-    /// happens under the mailbox's lock, so no message can land after it: a
-    /// sender that still holds the mailbox gets `Closed` and activates anew.
-    fn passivate(&self, address: &EntityAddress, rx: &Mailbox<Mail<E>>, force: bool) -> bool {
+    /// Closes the entity's mailbox and removes it from the map (retirement
+    /// after shutdown or a failed load). Closing happens under the mailbox's
+    /// lock, so no message can land after it: a sender that still holds the
+    /// mailbox gets `Closed` and activates a new entity.
+    fn passivate(&self, address: &EntityAddress, rx: &Mailbox<Mail<E>>) {
         let mut entities = lock(&self.entities);
-        if force {
-            rx.close();
-        } else if !rx.close_if_empty() {
-            return false;
-        }
+        rx.close();
         if entities
             .get(&address.entity_id)
             .is_some_and(|m| std::ptr::eq(&**m, rx))
         {
             entities.remove(&address.entity_id);
         }
-        true
+    }
+
+    /// Passivates every entity idle for `max_idle`.
+    fn passivate_idle(&self) {
+        let now = std::time::Instant::now();
+        let max_idle = self.options.max_idle;
+        lock(&self.entities).retain(|_, mailbox| !mailbox.close_if_idle(max_idle, now));
     }
 
     /// Stops every active entity after its current handler (shutdown).
@@ -580,6 +565,14 @@ impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
 
     fn stop_all(&self) {
         EntityManager::stop_all(self);
+    }
+
+    fn passivate_idle(&self) {
+        EntityManager::passivate_idle(self);
+    }
+
+    fn max_idle(&self) -> std::time::Duration {
+        self.options.max_idle
     }
 }
 
