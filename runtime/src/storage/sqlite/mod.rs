@@ -7,6 +7,7 @@
 //! application's `_sqlx_migrations`.
 
 mod sql;
+mod write;
 
 use std::fmt;
 use std::fs::File;
@@ -19,14 +20,13 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
+use sqlx::{ConnectOptions, Connection};
 
 use super::{
-    Completion, CompletionOutcome, MessageId, MessageStorage, NewMessage, SaveOutcome, SqlValue,
-    StoredMessage, StoredReply, UnixMillis, UnprocessedQuery, WriteBatch, WriteOutcome,
+    MessageId, MessageStorage, StoredMessage, StoredReply, UnixMillis, UnprocessedQuery,
+    WriteBatch, WriteOutcome,
 };
 use crate::error::StorageError;
-use crate::snowflake::now_unix_ms;
 
 /// How long a statement waits for a lock held by another connection (an
 /// application's own connection to the same file, a backup) before it fails
@@ -187,7 +187,7 @@ impl MessageStorage for SqliteStorage {
         let mut writer = self.writer.lock().await;
         let conn = writer.as_mut().ok_or(StorageError::Closed)?;
         let mut tx = conn.begin_with(sql::BEGIN_IMMEDIATE).await?;
-        match write_batch(&mut tx, batch).await {
+        match write::write_batch(&mut tx, batch).await {
             Ok(outcome) => {
                 tx.commit().await?;
                 Ok(outcome)
@@ -296,169 +296,10 @@ impl MessageStorage for SqliteStorage {
     }
 }
 
-/// Writes one batch inside the open transaction `conn`.
-async fn write_batch(
-    conn: &mut SqliteConnection,
-    batch: WriteBatch,
-) -> Result<WriteOutcome, StorageError> {
-    let mut outcome = WriteOutcome {
-        saves: Vec::with_capacity(batch.saves.len()),
-        completions: Vec::with_capacity(batch.completions.len()),
-    };
-    for message in &batch.saves {
-        outcome.saves.push(save(conn, message).await?);
-    }
-    let now = now_unix_ms() as i64;
-    for completion in batch.completions {
-        outcome
-            .completions
-            .push(complete(conn, completion, now).await?);
-    }
-    Ok(outcome)
-}
-
-async fn save(conn: &mut SqliteConnection, m: &NewMessage) -> Result<SaveOutcome, StorageError> {
-    let inserted = sqlx::query(sql::INSERT_MESSAGE)
-        .bind(m.id.0)
-        .bind(&*m.address.entity_type)
-        .bind(&*m.address.entity_id)
-        .bind(m.address.shard.group())
-        .bind(i64::from(m.address.shard.index()))
-        .bind(&m.tag)
-        .bind(m.key.as_ref().map(|k| k.as_str()))
-        .bind(&m.payload)
-        .bind(sql::encode_headers(&m.headers)?)
-        .bind(m.deliver_at)
-        .bind(m.created_at)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    if inserted == 1 {
-        return Ok(SaveOutcome::Saved);
-    }
-    // Not inserted: only a key conflict is ignored by the statement.
-    let Some(key) = &m.key else {
-        return Err(StorageError::Corrupt(format!(
-            "message {} without a key was not inserted",
-            m.id
-        )));
-    };
-    let row = sqlx::query(sql::SELECT_BY_KEY)
-        .bind(key.as_str())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| {
-            StorageError::Corrupt(format!("{key:?} conflicted but no message holds it"))
-        })?;
-    Ok(SaveOutcome::Duplicate {
-        id: MessageId(row.try_get(0)?),
-        reply: sql::decode_reply(row.try_get(1)?)?,
-    })
-}
-
-async fn complete(
-    conn: &mut SqliteConnection,
-    completion: Completion,
-    now: UnixMillis,
-) -> Result<CompletionOutcome, StorageError> {
-    let Completion {
-        message_id,
-        reply,
-        state,
-        effects,
-    } = completion;
-    let marked = sqlx::query(sql::COMPLETE_MESSAGE)
-        .bind(now)
-        .bind(sql::encode_reply(&reply)?)
-        .bind(message_id.0)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    if marked == 0 {
-        // Processed already, or unknown: nothing was written.
-        let existing: Option<Option<Vec<u8>>> = sqlx::query_scalar(sql::SELECT_REPLY)
-            .bind(message_id.0)
-            .fetch_optional(&mut *conn)
-            .await?;
-        return Ok(CompletionOutcome::AlreadyProcessed(sql::decode_reply(
-            existing.flatten(),
-        )?));
-    }
-    // Only effects can fail for a reason of their own; without them there is
-    // nothing to roll back to, and the savepoint's two round trips are saved.
-    let guarded = !effects.is_empty();
-    if guarded {
-        sqlx::query(sql::SAVEPOINT).execute(&mut *conn).await?;
-    }
-    if let Some(state) = &state {
-        sqlx::query(sql::UPSERT_STATE)
-            .bind(&state.entity_type)
-            .bind(&state.entity_id)
-            .bind(&state.bytes)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-    }
-    if !guarded {
-        return Ok(CompletionOutcome::Recorded);
-    }
-    let outcome = match run_effects(conn, effects).await? {
-        None => CompletionOutcome::Recorded,
-        Some(message) => {
-            sqlx::query(sql::ROLLBACK_TO_SAVEPOINT)
-                .execute(&mut *conn)
-                .await?;
-            // The rollback kept the processed mark (set before the savepoint)
-            // but the reply must say what happened: a failed completion is
-            // recorded, not retried forever.
-            sqlx::query(sql::REPLACE_REPLY)
-                .bind(sql::encode_reply(&StoredReply::EffectsFailed(
-                    message.clone(),
-                ))?)
-                .bind(message_id.0)
-                .execute(&mut *conn)
-                .await?;
-            CompletionOutcome::EffectsFailed(message)
-        }
-    };
-    sqlx::query(sql::RELEASE_SAVEPOINT)
-        .execute(&mut *conn)
-        .await?;
-    Ok(outcome)
-}
-
-/// Runs staged effects in order. `Ok(Some(message))`: one failed by its own
-/// fault (and the rest did not run); `Err`: the database is in trouble and
-/// the whole batch must fail.
-async fn run_effects(
-    conn: &mut SqliteConnection,
-    effects: Vec<super::Statement>,
-) -> Result<Option<String>, StorageError> {
-    for effect in effects {
-        if let Some(refusal) = sql::refuse_effect(effect.sql()) {
-            return Ok(Some(refusal));
-        }
-        let mut query = sqlx::query(AssertSqlSafe(effect.sql()));
-        for value in effect.params() {
-            query = match value {
-                SqlValue::Null => query.bind(None::<i64>),
-                SqlValue::Int(v) => query.bind(*v),
-                SqlValue::Real(v) => query.bind(*v),
-                SqlValue::Text(v) => query.bind(v.as_str()),
-                SqlValue::Blob(v) => query.bind(v.as_slice()),
-            };
-        }
-        match query.execute(&mut *conn).await {
-            Ok(_) => {}
-            Err(error) if sql::is_environmental(&error) => return Err(error.into()),
-            Err(error) => return Ok(Some(sql::database_message(&error))),
-        }
-    }
-    Ok(None)
-}
-
 #[cfg(test)]
 mod tests {
+    use sqlx::{AssertSqlSafe, Row};
+
     use super::*;
 
     /// SQLite's plan for `query`, one detail line per step.
