@@ -100,7 +100,7 @@ impl SqliteStorage {
         let mut writer = writer_options.connect().await?;
         let mut migrator = sqlx::migrate!("../migrations/sqlite");
         migrator.dangerous_set_table_name("flotilla_migrations");
-        migrator.run_direct(None, &mut writer, false).await?;
+        migrator.run(&mut writer).await?;
 
         // Readers open after the writer has put the file in WAL mode (a
         // persistent property of the file). Pool defaults suit a server pool,

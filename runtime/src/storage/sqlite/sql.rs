@@ -1,9 +1,10 @@
 //! The SQL of the SQLite backend, one statement per state transition, and the
 //! mapping between rows and storage types.
 //!
-//! Every statement is a `const` run through `sqlx::query` with bound values,
-//! so sqlx prepares it once per connection and reuses it from its statement
-//! cache.
+//! Every statement runs through `sqlx::query` with bound values, never with
+//! values spliced into its text, so sqlx prepares it once per connection and
+//! reuses it from its statement cache. Single-row statements are `const`s;
+//! multi-row ones are built once per shape (row count) from `const` parts.
 
 use std::sync::{Arc, OnceLock};
 
@@ -22,7 +23,7 @@ pub(super) const BEGIN_IMMEDIATE: &str = "BEGIN IMMEDIATE";
 
 /// The most rows one multi-row statement carries (at 11 parameters a row,
 /// far below SQLite's limit of 32766).
-pub(super) const MAX_ROWS: usize = 64;
+const MAX_ROWS: usize = 64;
 
 /// Row counts of multi-row statements are powers of two up to [`MAX_ROWS`],
 /// so each statement has 7 shapes, each prepared once per connection and
