@@ -473,6 +473,37 @@ async fn flotilla_and_application_migrations_coexist() {
 }
 
 #[tokio::test]
+async fn a_database_migrated_by_a_newer_flotilla_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flotilla.db");
+    open(&path).await.close().await;
+    let mut app = app_connection(&path).await;
+    sqlx::query(
+        "INSERT INTO flotilla_migrations \
+         (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from the future', TRUE, X'00', 0)",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    app.close().await.unwrap();
+
+    let refused = SqliteStorage::open(&path).await;
+    assert!(
+        matches!(refused, Err(StorageError::Migration(_))),
+        "{refused:?}"
+    );
+    // The refusal released the runner lock.
+    let mut app = app_connection(&path).await;
+    sqlx::query("DELETE FROM flotilla_migrations WHERE version = 9999")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    app.close().await.unwrap();
+    open(&path).await.close().await;
+}
+
+#[tokio::test]
 async fn one_mib_payloads_and_states_round_trip_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flotilla.db");
