@@ -91,6 +91,15 @@ async fn reopening_the_file_keeps_messages_replies_and_state() {
 }
 
 #[tokio::test]
+async fn an_in_memory_sqlite_database_is_refused() {
+    let refused = SqliteStorage::open(":memory:").await;
+    let Err(StorageError::Io(error)) = &refused else {
+        panic!("Io(InvalidInput) expected, got {refused:?}");
+    };
+    assert!(error.to_string().contains("MemoryStorage"), "{error}");
+}
+
+#[tokio::test]
 async fn the_database_is_in_wal_mode() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flotilla.db");

@@ -85,6 +85,14 @@ impl SqliteStorage {
     /// Fails with [`StorageError::InUse`] when another runner has the file open.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
         let path = path.as_ref().to_path_buf();
+        if path.as_os_str() == ":memory:" {
+            // SQLite would give every connection its own empty database.
+            return Err(StorageError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "SQLite storage needs a file; for storage in memory use MemoryStorage \
+                 (`Cluster::builder().memory()`)",
+            )));
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
