@@ -340,7 +340,8 @@ async fn a_second_open_is_refused_while_the_first_holds_the_lock() {
 const HOLDER_ENV: &str = "FLOTILLA_TEST_LOCK_HOLDER_DB";
 
 /// Run as a child process by `a_sigkilled_runner_releases_the_lock_at_once`:
-/// opens the database, stores a message, says so and waits to be killed.
+/// opens the database, stores a message, says so and waits to be killed (or
+/// for its parent to go away, which closes its stdin).
 #[tokio::test]
 #[ignore = "a child process of a_sigkilled_runner_releases_the_lock_at_once"]
 async fn lock_holder_child() {
@@ -350,7 +351,10 @@ async fn lock_holder_child() {
     let storage = open(Path::new(&path)).await;
     save(&storage, vec![keyed(1, "a", "from-child")]).await;
     println!("HOLDING");
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    let parent_gone = tokio::task::spawn_blocking(|| {
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(60), parent_gone).await;
 }
 
 #[tokio::test]
@@ -366,6 +370,7 @@ async fn a_sigkilled_runner_releases_the_lock_at_once() {
             "--test-threads=1",
         ])
         .env(HOLDER_ENV, &path)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
