@@ -2,6 +2,7 @@
 //! across reopen, effects really running in the completion transaction, the
 //! runner lock, migrations beside the application's, large values.
 
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -309,6 +310,55 @@ async fn a_failed_batch_commits_nothing() {
         save(&storage, vec![message(2, "a")]).await.saves,
         vec![SaveOutcome::Saved]
     );
+    storage.close().await;
+}
+
+#[tokio::test]
+async fn a_write_cancelled_at_any_point_commits_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flotilla.db");
+    let storage = open(&path).await;
+    create_audit_table(&path).await;
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    for polls in 1..=12_i64 {
+        let base = polls * 100;
+        save(&storage, vec![message(base, "a")]).await;
+        let batch = WriteBatch {
+            saves: vec![
+                message(base + 1, "b"),
+                keyed(base + 2, "b", &base.to_string()),
+            ],
+            completions: vec![
+                Completion {
+                    effects: vec![audit(base, &format!("note {base}"))],
+                    state: Some(state("a", &base.to_le_bytes())),
+                    ..completion(base, b"r")
+                },
+                completion(base + 1, b"r"),
+            ],
+        };
+        // Poll the write a few times, then drop it half way.
+        let mut cancelled = Box::pin(storage.write(batch));
+        for _ in 0..polls {
+            if cancelled.as_mut().poll(&mut context).is_ready() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        drop(cancelled);
+
+        // The next write goes through, and the cancelled one either
+        // committed entirely or not at all.
+        save(&storage, vec![message(base + 50, "c")]).await;
+        let committed = storage.reply(MessageId(base)).await.unwrap().is_some();
+        let saved = unprocessed_ids(&storage, 0).await.contains(&(base + 2));
+        let audited = audit_notes(&path).await.contains(&format!("note {base}"));
+        assert_eq!(
+            (saved, audited),
+            (committed, committed),
+            "after {polls} polls"
+        );
+    }
     storage.close().await;
 }
 
@@ -659,6 +709,89 @@ async fn group_commit_throughput_and_latency() {
         batch_times[batch_times.len() / 2],
         batch_times[batch_times.len() * 99 / 100],
         cpu.as_secs_f64() * 1e6 / messages,
+    );
+    storage.close().await;
+}
+
+#[tokio::test]
+async fn an_effect_that_rolls_back_the_whole_transaction_fails_only_its_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flotilla.db");
+    let storage = open(&path).await;
+    create_audit_table(&path).await;
+    let mut app = app_connection(&path).await;
+    sqlx::query(
+        "CREATE TRIGGER no_vetoes BEFORE INSERT ON app_audit WHEN NEW.note = 'veto' \
+         BEGIN SELECT RAISE(ROLLBACK, 'vetoed by trigger'); END",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    app.close().await.unwrap();
+    save(
+        &storage,
+        vec![message(1, "a"), message(2, "b"), message(3, "c")],
+    )
+    .await;
+
+    // A trigger's RAISE(ROLLBACK) and an INSERT OR ROLLBACK both end the
+    // transaction of the whole batch, not just their statement.
+    let outcome = storage
+        .write(WriteBatch {
+            saves: vec![message(4, "d")],
+            completions: vec![
+                Completion {
+                    effects: vec![audit(1, "fine")],
+                    state: Some(state("a", b"A")),
+                    ..completion(1, b"r1")
+                },
+                Completion {
+                    effects: vec![audit(2, "kept back"), audit(2, "veto")],
+                    state: Some(state("b", b"B")),
+                    ..completion(2, b"r2")
+                },
+                Completion {
+                    effects: vec![Statement::new(
+                        "INSERT OR ROLLBACK INTO app_audit (message, note) VALUES (3, 'fine')",
+                    )],
+                    state: Some(state("c", b"C")),
+                    ..completion(3, b"r3")
+                },
+            ],
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome.saves, vec![SaveOutcome::Saved]);
+    let [first, vetoed, conflicted] = &outcome.completions[..] else {
+        panic!("three outcomes expected: {outcome:?}");
+    };
+    assert_eq!(first, &CompletionOutcome::Recorded);
+    assert_eq!(
+        vetoed,
+        &CompletionOutcome::EffectsFailed("vetoed by trigger".to_owned())
+    );
+    let CompletionOutcome::EffectsFailed(reason) = conflicted else {
+        panic!("EffectsFailed expected, got {conflicted:?}");
+    };
+    assert!(reason.contains("UNIQUE"), "{reason}");
+
+    assert_eq!(audit_notes(&path).await, vec!["fine"]);
+    assert_eq!(
+        storage.load_state(ACCOUNT, "a").await.unwrap(),
+        Some(b"A".to_vec())
+    );
+    assert_eq!(storage.load_state(ACCOUNT, "b").await.unwrap(), None);
+    assert_eq!(storage.load_state(ACCOUNT, "c").await.unwrap(), None);
+    assert_eq!(
+        storage.reply(MessageId(2)).await.unwrap(),
+        Some(StoredReply::EffectsFailed("vetoed by trigger".to_owned()))
+    );
+    assert_eq!(unprocessed_ids(&storage, 0).await, vec![4]);
+
+    // The writer goes on as usual.
+    assert_eq!(
+        save(&storage, vec![message(5, "e")]).await.saves,
+        vec![SaveOutcome::Saved]
     );
     storage.close().await;
 }

@@ -9,6 +9,7 @@
 mod sql;
 mod write;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ use super::{
     WriteBatch, WriteOutcome,
 };
 use crate::error::StorageError;
+use write::BatchError;
 
 /// How long a statement waits for a lock held by another connection (an
 /// application's own connection to the same file, a backup) before it fails
@@ -61,12 +63,68 @@ pub struct SqliteStorage {
     /// one group-commit task, so a second writer would only wait on SQLite's
     /// file lock (or fail with `SQLITE_BUSY`); a mutex makes the wait cheap and
     /// keeps the writer's prepared statements warm. `None` once closed.
-    writer: tokio::sync::Mutex<Option<SqliteConnection>>,
+    writer: tokio::sync::Mutex<Option<Writer>>,
     /// Read-only connections for queries, so a delivery scan never waits
     /// behind a group commit.
     readers: SqlitePool,
     /// The runner lock on `<path>.lock`, held until `close` or drop.
     lock: std::sync::Mutex<Option<File>>,
+}
+
+/// The writer connection and whether a transaction of ours is open on it.
+///
+/// Transactions are begun and ended with plain statements rather than
+/// sqlx's `Transaction`: a staged effect can end the transaction itself
+/// (`INSERT OR ROLLBACK`, a trigger's `RAISE(ROLLBACK, ..)`), after which
+/// sqlx's own bookkeeping would refuse every later `BEGIN` on the connection.
+struct Writer {
+    conn: SqliteConnection,
+    /// Set by `BEGIN`, cleared by `COMMIT`/`ROLLBACK`. Still set on entry
+    /// when a write was cancelled half way: the next use rolls it back.
+    in_transaction: bool,
+}
+
+impl Writer {
+    async fn begin(&mut self) -> Result<(), StorageError> {
+        self.end_abandoned().await;
+        // Set before the `BEGIN` is sent: a write cancelled while it waits
+        // leaves a transaction open in the worker, and a `ROLLBACK` when
+        // there is none is harmless.
+        self.in_transaction = true;
+        sqlx::query(sql::BEGIN_IMMEDIATE)
+            .execute(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), StorageError> {
+        match sqlx::query(sql::COMMIT).execute(&mut self.conn).await {
+            Ok(_) => {
+                self.in_transaction = false;
+                Ok(())
+            }
+            Err(error) => {
+                self.rollback().await;
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Rolls back whatever is open. Fails only when nothing is (the
+    /// transaction ended itself), which is what a rollback wants.
+    async fn rollback(&mut self) {
+        if let Err(error) = sqlx::query(sql::ROLLBACK).execute(&mut self.conn).await {
+            tracing::debug!(%error, "rollback found no transaction to end");
+        }
+        self.in_transaction = false;
+    }
+
+    async fn end_abandoned(&mut self) {
+        if self.in_transaction {
+            tracing::debug!("rolling back the transaction of a cancelled write");
+            self.rollback().await;
+        }
+    }
 }
 
 impl fmt::Debug for SqliteStorage {
@@ -129,7 +187,10 @@ impl SqliteStorage {
         Ok(Self {
             path,
             closed: AtomicBool::new(false),
-            writer: tokio::sync::Mutex::new(Some(writer)),
+            writer: tokio::sync::Mutex::new(Some(Writer {
+                conn: writer,
+                in_transaction: false,
+            })),
             readers,
             lock: std::sync::Mutex::new(Some(lock)),
         })
@@ -193,18 +254,29 @@ impl MessageStorage for SqliteStorage {
             return Ok(WriteOutcome::default());
         }
         let mut writer = self.writer.lock().await;
-        let conn = writer.as_mut().ok_or(StorageError::Closed)?;
-        let mut tx = conn.begin_with(sql::BEGIN_IMMEDIATE).await?;
-        match write::write_batch(&mut tx, batch).await {
-            Ok(outcome) => {
-                tx.commit().await?;
-                Ok(outcome)
-            }
-            Err(error) => {
-                if let Err(rollback) = tx.rollback().await {
-                    tracing::warn!(%rollback, "rollback of a failed batch failed");
+        let writer = writer.as_mut().ok_or(StorageError::Closed)?;
+        let mut voided = HashMap::new();
+        loop {
+            writer.begin().await?;
+            match write::write_batch(&mut writer.conn, &batch, &voided).await {
+                Ok(outcome) => {
+                    writer.commit().await?;
+                    return Ok(outcome);
                 }
-                Err(error)
+                Err(BatchError::Storage(error)) => {
+                    writer.rollback().await;
+                    return Err(error);
+                }
+                // Bounded: each round takes the effects of one more
+                // completion out of the batch.
+                Err(BatchError::Voided { message, reason }) => {
+                    writer.rollback().await;
+                    if voided.insert(message, reason).is_some() {
+                        return Err(StorageError::Corrupt(format!(
+                            "the completion of message {message} voided its batch twice"
+                        )));
+                    }
+                }
             }
         }
     }
@@ -266,11 +338,12 @@ impl MessageStorage for SqliteStorage {
             // The writer is taken per chunk, so group commits interleave with
             // a long purge instead of waiting for all of it.
             let mut writer = self.writer.lock().await;
-            let conn = writer.as_mut().ok_or(StorageError::Closed)?;
+            let writer = writer.as_mut().ok_or(StorageError::Closed)?;
+            writer.end_abandoned().await;
             let deleted = sqlx::query(sql::PURGE_PROCESSED)
                 .bind(processed_before)
                 .bind(sql::PURGE_CHUNK)
-                .execute(&mut *conn)
+                .execute(&mut writer.conn)
                 .await?
                 .rows_affected();
             purged += deleted;
@@ -286,7 +359,7 @@ impl MessageStorage for SqliteStorage {
         // the writer), so nothing is cut off half way.
         self.readers.close().await;
         if let Some(writer) = self.writer.lock().await.take()
-            && let Err(error) = writer.close().await
+            && let Err(error) = writer.conn.close().await
         {
             tracing::warn!(%error, path = %self.path.display(), "closing the SQLite writer failed");
         }

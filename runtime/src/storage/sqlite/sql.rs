@@ -20,6 +20,10 @@ use crate::storage::{Headers, MessageId, MessageKey, StoredMessage, StoredReply}
 /// A writer transaction takes the write lock at once: no reader-to-writer
 /// upgrade can then fail with `SQLITE_BUSY` halfway through a batch.
 pub(super) const BEGIN_IMMEDIATE: &str = "BEGIN IMMEDIATE";
+/// Ends a batch: one fsync (`synchronous = FULL`) for all of it.
+pub(super) const COMMIT: &str = "COMMIT";
+/// Abandons a batch.
+pub(super) const ROLLBACK: &str = "ROLLBACK";
 
 /// The most rows one multi-row statement carries (at 11 parameters a row,
 /// far below SQLite's limit of 32766).

@@ -9,7 +9,7 @@
 //! effects, and the rare outcomes (duplicate key, already processed), take
 //! one statement each.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{AssertSqlSafe, Row};
@@ -22,11 +22,44 @@ use crate::storage::{
     StoredReply, UnixMillis, WriteBatch, WriteOutcome,
 };
 
+/// Why a batch was not written.
+#[derive(Debug)]
+pub(super) enum BatchError {
+    /// The database failed; the transaction must be rolled back.
+    Storage(StorageError),
+    /// A staged effect of the completion of `message` rolled back the whole
+    /// transaction itself (a trigger's `RAISE(ROLLBACK, ..)`, an `INSERT OR
+    /// ROLLBACK`): nothing of the batch is left. Writing the batch again with
+    /// that completion's effects failed (`reason`) honours the contract that
+    /// only its own completion fails.
+    Voided {
+        /// The completion whose effect voided the transaction.
+        message: MessageId,
+        /// The database's message.
+        reason: String,
+    },
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Storage(error.into())
+    }
+}
+
+impl From<StorageError> for BatchError {
+    fn from(error: StorageError) -> Self {
+        Self::Storage(error)
+    }
+}
+
 /// Writes `batch` inside the open transaction `conn`; the caller commits.
+/// The completions of the messages in `voided` are recorded as
+/// `EffectsFailed` with the reason given, without running their effects.
 pub(super) async fn write_batch(
     conn: &mut SqliteConnection,
-    batch: WriteBatch,
-) -> Result<WriteOutcome, StorageError> {
+    batch: &WriteBatch,
+    voided: &HashMap<MessageId, String>,
+) -> Result<WriteOutcome, BatchError> {
     let saves = save_all(conn, &batch.saves).await?;
     let now = now_unix_ms() as i64;
     let mut completions = Vec::with_capacity(batch.completions.len());
@@ -37,7 +70,11 @@ pub(super) async fn write_batch(
             completions.extend(complete_plain(conn, &rest[..run], now).await?);
             rest = &rest[run..];
         } else {
-            completions.push(complete_with_effects(conn, first, now).await?);
+            let outcome = match voided.get(&first.message_id) {
+                Some(reason) => record_failed(conn, first.message_id, reason, now).await?,
+                None => complete_with_effects(conn, first, now).await?,
+            };
+            completions.push(outcome);
             rest = &rest[1..];
         }
     }
@@ -196,7 +233,7 @@ async fn complete_with_effects(
     conn: &mut SqliteConnection,
     c: &Completion,
     now: UnixMillis,
-) -> Result<CompletionOutcome, StorageError> {
+) -> Result<CompletionOutcome, BatchError> {
     let marked = sqlx::query(sql::COMPLETE_MESSAGE)
         .bind(now)
         .bind(sql::encode_reply(&c.reply)?)
@@ -206,7 +243,7 @@ async fn complete_with_effects(
         .rows_affected();
     if marked == 0 {
         // Nothing was written: the effects must not run again.
-        return already_processed(conn, c.message_id).await;
+        return Ok(already_processed(conn, c.message_id).await?);
     }
     sqlx::query(sql::SAVEPOINT).execute(&mut *conn).await?;
     if let Some(state) = &c.state {
@@ -220,27 +257,60 @@ async fn complete_with_effects(
     }
     let outcome = match run_effects(conn, &c.effects).await? {
         None => CompletionOutcome::Recorded,
-        Some(message) => {
-            sqlx::query(sql::ROLLBACK_TO_SAVEPOINT)
+        Some(reason) => {
+            if let Err(error) = sqlx::query(sql::ROLLBACK_TO_SAVEPOINT)
                 .execute(&mut *conn)
-                .await?;
+                .await
+            {
+                if sql::is_environmental(&error) {
+                    return Err(error.into());
+                }
+                // "no such savepoint": the effect ended the transaction.
+                return Err(BatchError::Voided {
+                    message: c.message_id,
+                    reason,
+                });
+            }
             // The processed mark was set before the savepoint and stays: a
             // failed completion is recorded, not retried forever. Its reply
             // says what happened.
             sqlx::query(sql::REPLACE_REPLY)
                 .bind(sql::encode_reply(&StoredReply::EffectsFailed(
-                    message.clone(),
+                    reason.clone(),
                 ))?)
                 .bind(c.message_id.0)
                 .execute(&mut *conn)
                 .await?;
-            CompletionOutcome::EffectsFailed(message)
+            CompletionOutcome::EffectsFailed(reason)
         }
     };
     sqlx::query(sql::RELEASE_SAVEPOINT)
         .execute(&mut *conn)
         .await?;
     Ok(outcome)
+}
+
+/// Records the completion of `id` as `EffectsFailed(reason)` without its
+/// state or effects (their failure is known already).
+async fn record_failed(
+    conn: &mut SqliteConnection,
+    id: MessageId,
+    reason: &str,
+    now: UnixMillis,
+) -> Result<CompletionOutcome, StorageError> {
+    let marked = sqlx::query(sql::COMPLETE_MESSAGE)
+        .bind(now)
+        .bind(sql::encode_reply(&StoredReply::EffectsFailed(
+            reason.to_owned(),
+        ))?)
+        .bind(id.0)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if marked == 0 {
+        return already_processed(conn, id).await;
+    }
+    Ok(CompletionOutcome::EffectsFailed(reason.to_owned()))
 }
 
 /// Runs staged effects in order. `Ok(Some(message))`: one failed by its own
