@@ -13,6 +13,10 @@
 mod fixtures;
 #[path = "storage_conformance/scenarios.rs"]
 mod scenarios;
+#[path = "storage_conformance/sqlite_bench.rs"]
+mod sqlite_bench;
+#[path = "storage_conformance/sqlite_effects.rs"]
+mod sqlite_effects;
 #[path = "storage_conformance/sqlite_only.rs"]
 mod sqlite_only;
 
@@ -74,8 +78,12 @@ conformance! {
         entity_state_survives_purge,
         load_state_of_an_unknown_entity_is_none,
         a_closed_storage_refuses_every_call,
+        the_same_message_completed_twice_in_one_batch_is_recorded_once,
+        the_last_completion_of_an_entity_in_a_batch_leaves_its_state,
+        large_batches_keep_every_outcome_in_order,
     ],
     fixture_scenarios: [
         effects_commit_with_their_completion,
+        mixed_completions_apply_state_in_batch_order,
     ],
 }

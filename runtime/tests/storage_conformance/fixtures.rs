@@ -229,3 +229,28 @@ pub(crate) async fn unprocessed_ids(
         .map(|m| m.id.0)
         .collect()
 }
+
+/// Opens SQLite storage at `path`.
+pub(crate) async fn open_sqlite(path: &Path) -> SqliteStorage {
+    SqliteStorage::open(path)
+        .await
+        .expect("open SQLite storage")
+}
+
+/// Creates the audit table in the database at `path`.
+pub(crate) async fn create_audit_table_in(path: &Path) {
+    let mut app = app_connection(path).await;
+    sqlx::query(AUDIT_TABLE).execute(&mut app).await.unwrap();
+    app.close().await.unwrap();
+}
+
+/// The notes of the audit table at `path`, in insertion order.
+pub(crate) async fn audit_notes_in(path: &Path) -> Vec<String> {
+    let mut app = app_connection(path).await;
+    let notes = sqlx::query_scalar("SELECT note FROM app_audit ORDER BY rowid")
+        .fetch_all(&mut app)
+        .await
+        .unwrap();
+    app.close().await.unwrap();
+    notes
+}

@@ -551,3 +551,176 @@ pub(crate) async fn effects_commit_with_their_completion(fixture: &Fixture) {
     ));
     assert_eq!(fixture.audit_rows().await, expected);
 }
+
+pub(crate) async fn the_same_message_completed_twice_in_one_batch_is_recorded_once(
+    storage: Arc<dyn MessageStorage>,
+) {
+    save(&*storage, vec![message(1, "a")]).await;
+    let outcome = complete(
+        &*storage,
+        vec![
+            Completion {
+                state: Some(state("a", b"first")),
+                ..completion(1, b"first")
+            },
+            Completion {
+                state: Some(state("a", b"second")),
+                ..completion(1, b"second")
+            },
+        ],
+    )
+    .await;
+    assert_eq!(
+        outcome.completions,
+        vec![
+            CompletionOutcome::Recorded,
+            CompletionOutcome::AlreadyProcessed(Some(StoredReply::Ok(b"first".to_vec()))),
+        ]
+    );
+    assert_eq!(
+        storage.load_state(ACCOUNT, "a").await.unwrap(),
+        Some(b"first".to_vec())
+    );
+}
+
+pub(crate) async fn the_last_completion_of_an_entity_in_a_batch_leaves_its_state(
+    storage: Arc<dyn MessageStorage>,
+) {
+    save(
+        &*storage,
+        vec![message(1, "a"), message(2, "a"), message(3, "b")],
+    )
+    .await;
+    complete(
+        &*storage,
+        vec![
+            Completion {
+                state: Some(state("a", b"one")),
+                ..completion(1, b"1")
+            },
+            Completion {
+                state: Some(state("b", b"b")),
+                ..completion(3, b"3")
+            },
+            Completion {
+                state: Some(state("a", b"two")),
+                ..completion(2, b"2")
+            },
+        ],
+    )
+    .await;
+    assert_eq!(
+        storage.load_state(ACCOUNT, "a").await.unwrap(),
+        Some(b"two".to_vec())
+    );
+}
+
+/// Batches as large as group commit forms under load, with duplicates and
+/// unknown ids mixed in: every outcome comes back in batch order.
+pub(crate) async fn large_batches_keep_every_outcome_in_order(storage: Arc<dyn MessageStorage>) {
+    save(&*storage, vec![keyed(1, "a", "stored")]).await;
+    let mut saves = Vec::new();
+    let mut expected = Vec::new();
+    for id in 100..400_i64 {
+        if id % 10 == 5 {
+            // The key of the message saved just before, in this batch.
+            saves.push(keyed(id, "a", &(id - 1).to_string()));
+            expected.push(SaveOutcome::Duplicate {
+                id: MessageId(id - 1),
+                reply: None,
+            });
+        } else if id % 50 == 7 {
+            saves.push(keyed(id, "a", "stored"));
+            expected.push(SaveOutcome::Duplicate {
+                id: MessageId(1),
+                reply: None,
+            });
+        } else {
+            saves.push(keyed(id, "a", &id.to_string()));
+            expected.push(SaveOutcome::Saved);
+        }
+    }
+    assert_eq!(save(&*storage, saves).await.saves, expected);
+
+    let mut completions = Vec::new();
+    let mut expected = Vec::new();
+    for id in 100..400_i64 {
+        completions.push(Completion {
+            state: Some(state(&format!("e{}", id % 7), &id.to_le_bytes())),
+            ..completion(id, &id.to_le_bytes())
+        });
+        expected.push(if id % 10 == 5 || id % 50 == 7 {
+            CompletionOutcome::AlreadyProcessed(None) // never stored
+        } else {
+            CompletionOutcome::Recorded
+        });
+    }
+    assert_eq!(complete(&*storage, completions).await.completions, expected);
+    assert_eq!(unprocessed_ids(&*storage, 0).await, vec![1]);
+    assert_eq!(
+        storage.reply(MessageId(399)).await.unwrap(),
+        Some(StoredReply::Ok(399_i64.to_le_bytes().to_vec()))
+    );
+    // The state of e3 is that of its last recorded completion.
+    let last_of_e3 = (100..400_i64)
+        .filter(|id| id % 7 == 3 && id % 10 != 5 && id % 50 != 7)
+        .max()
+        .unwrap();
+    assert_eq!(
+        storage.load_state(ACCOUNT, "e3").await.unwrap(),
+        Some(last_of_e3.to_le_bytes().to_vec())
+    );
+}
+
+/// Completions with and without effects interleave; state follows batch order.
+pub(crate) async fn mixed_completions_apply_state_in_batch_order(fixture: &Fixture) {
+    fixture.create_audit_table().await;
+    let storage = fixture.storage();
+    save(
+        &*storage,
+        vec![
+            message(1, "a"),
+            message(2, "a"),
+            message(3, "a"),
+            message(4, "b"),
+        ],
+    )
+    .await;
+    let outcome = complete(
+        &*storage,
+        vec![
+            Completion {
+                state: Some(state("a", b"1")),
+                ..completion(1, b"r1")
+            },
+            Completion {
+                state: Some(state("a", b"2")),
+                effects: vec![audit(2, "two")],
+                ..completion(2, b"r2")
+            },
+            Completion {
+                state: Some(state("a", b"3")),
+                ..completion(3, b"r3")
+            },
+            Completion {
+                state: Some(state("b", b"4")),
+                effects: vec![audit(4, "four")],
+                ..completion(4, b"r4")
+            },
+        ],
+    )
+    .await;
+    assert_eq!(outcome.completions, vec![CompletionOutcome::Recorded; 4]);
+    assert_eq!(
+        storage.load_state(ACCOUNT, "a").await.unwrap(),
+        Some(b"3".to_vec())
+    );
+    assert_eq!(
+        storage.load_state(ACCOUNT, "b").await.unwrap(),
+        Some(b"4".to_vec())
+    );
+    assert_eq!(
+        fixture.audit_rows().await,
+        vec![(2, "two".to_owned()), (4, "four".to_owned())]
+    );
+}

@@ -1,50 +1,27 @@
 //! Guarantees of the SQLite backend beyond the shared scenarios: durability
-//! across reopen, effects really running in the completion transaction, the
-//! runner lock, migrations beside the application's, large values.
+//! across reopen, atomic batches, the runner lock, migrations beside the
+//! application's, large values, purge.
 
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla::StorageError;
 use flotilla::storage::{
-    Completion, CompletionOutcome, MessageId, MessageStorage, SaveOutcome, SqliteStorage,
-    Statement, StoredReply, WriteBatch,
+    Completion, MessageId, MessageStorage, SaveOutcome, SqliteStorage, StoredReply, WriteBatch,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{Connection, SqlSafeStr};
 
 use super::fixtures::*;
 
-async fn open(path: &Path) -> SqliteStorage {
-    SqliteStorage::open(path)
-        .await
-        .expect("open SQLite storage")
-}
-
-async fn create_audit_table(path: &Path) {
-    let mut app = app_connection(path).await;
-    sqlx::query(AUDIT_TABLE).execute(&mut app).await.unwrap();
-    app.close().await.unwrap();
-}
-
-async fn audit_notes(path: &Path) -> Vec<String> {
-    let mut app = app_connection(path).await;
-    let notes = sqlx::query_scalar("SELECT note FROM app_audit ORDER BY rowid")
-        .fetch_all(&mut app)
-        .await
-        .unwrap();
-    app.close().await.unwrap();
-    notes
-}
-
 #[tokio::test]
 async fn reopening_the_file_keeps_messages_replies_and_state() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/dir/flotilla.db");
-    let storage = open(&path).await;
+    let storage = open_sqlite(&path).await;
     let mut scheduled = keyed(2, "b", "k");
     scheduled.deliver_at = Some(1_800_000_000_000);
     save(
@@ -62,7 +39,7 @@ async fn reopening_the_file_keeps_messages_replies_and_state() {
     .await;
     storage.close().await;
 
-    let storage = open(&path).await;
+    let storage = open_sqlite(&path).await;
     assert_eq!(
         storage.reply(MessageId(1)).await.unwrap(),
         Some(StoredReply::Ok(b"r1".to_vec()))
@@ -91,10 +68,19 @@ async fn reopening_the_file_keeps_messages_replies_and_state() {
 }
 
 #[tokio::test]
+async fn an_in_memory_sqlite_database_is_refused() {
+    let refused = SqliteStorage::open(":memory:").await;
+    let Err(StorageError::Io(error)) = &refused else {
+        panic!("Io(InvalidInput) expected, got {refused:?}");
+    };
+    assert!(error.to_string().contains("MemoryStorage"), "{error}");
+}
+
+#[tokio::test]
 async fn the_database_is_in_wal_mode() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flotilla.db");
-    let storage = open(&path).await;
+    let storage = open_sqlite(&path).await;
     let mut app = app_connection(&path).await;
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
         .fetch_one(&mut app)
@@ -106,177 +92,10 @@ async fn the_database_is_in_wal_mode() {
 }
 
 #[tokio::test]
-async fn a_failing_effect_rolls_back_only_its_own_completion() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("flotilla.db");
-    let storage = open(&path).await;
-    create_audit_table(&path).await;
-    save(
-        &storage,
-        vec![message(1, "a"), message(2, "b"), message(3, "c")],
-    )
-    .await;
-
-    let outcome = storage
-        .write(WriteBatch {
-            saves: vec![message(4, "d")],
-            completions: vec![
-                Completion {
-                    effects: vec![audit(1, "one")],
-                    state: Some(state("a", b"A")),
-                    ..completion(1, b"r1")
-                },
-                Completion {
-                    // The second effect breaks the UNIQUE note: the first
-                    // effect and the state must go with it.
-                    effects: vec![audit(2, "two"), audit(2, "one")],
-                    state: Some(state("b", b"B")),
-                    ..completion(2, b"r2")
-                },
-                Completion {
-                    effects: vec![audit(3, "three")],
-                    state: Some(state("c", b"C")),
-                    ..completion(3, b"r3")
-                },
-            ],
-        })
-        .await
-        .unwrap();
-
-    assert_eq!(outcome.saves, vec![SaveOutcome::Saved]);
-    let [first, failed, third] = &outcome.completions[..] else {
-        panic!("three outcomes expected: {outcome:?}");
-    };
-    assert_eq!(first, &CompletionOutcome::Recorded);
-    assert_eq!(third, &CompletionOutcome::Recorded);
-    let CompletionOutcome::EffectsFailed(reason) = failed else {
-        panic!("EffectsFailed expected, got {failed:?}");
-    };
-    assert!(reason.contains("UNIQUE"), "{reason}");
-
-    assert_eq!(audit_notes(&path).await, vec!["one", "three"]);
-    assert_eq!(storage.load_state(ACCOUNT, "b").await.unwrap(), None);
-    assert_eq!(
-        storage.load_state(ACCOUNT, "c").await.unwrap(),
-        Some(b"C".to_vec())
-    );
-    // Recorded as failed, so never retried; the reply says why.
-    assert_eq!(
-        storage.reply(MessageId(2)).await.unwrap(),
-        Some(StoredReply::EffectsFailed(reason.clone()))
-    );
-    assert_eq!(unprocessed_ids(&storage, 0).await, vec![4]);
-    storage.close().await;
-}
-
-#[tokio::test]
-async fn an_effect_on_a_missing_table_fails_its_completion() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("flotilla.db");
-    let storage = open(&path).await;
-    save(&storage, vec![message(1, "a")]).await;
-    let outcome = complete(
-        &storage,
-        vec![Completion {
-            effects: vec![Statement::new("INSERT INTO no_such_table VALUES (1)")],
-            ..completion(1, b"r")
-        }],
-    )
-    .await;
-    let [CompletionOutcome::EffectsFailed(reason)] = &outcome.completions[..] else {
-        panic!("EffectsFailed expected: {outcome:?}");
-    };
-    assert!(reason.contains("no such table"), "{reason}");
-    storage.close().await;
-}
-
-#[tokio::test]
-async fn an_effect_cannot_end_the_completion_transaction() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("flotilla.db");
-    let storage = open(&path).await;
-    create_audit_table(&path).await;
-    save(
-        &storage,
-        vec![message(1, "a"), message(2, "a"), message(3, "a")],
-    )
-    .await;
-    let outcome = complete(
-        &storage,
-        vec![
-            Completion {
-                effects: vec![Statement::new("COMMIT")],
-                ..completion(1, b"r")
-            },
-            Completion {
-                effects: vec![
-                    audit(2, "before"),
-                    Statement::new("INSERT INTO app_audit VALUES (2, 'x'); COMMIT"),
-                ],
-                ..completion(2, b"r")
-            },
-            Completion {
-                effects: vec![Statement::new("PRAGMA foreign_keys = OFF")],
-                ..completion(3, b"r")
-            },
-        ],
-    )
-    .await;
-    assert!(
-        outcome
-            .completions
-            .iter()
-            .all(|c| matches!(c, CompletionOutcome::EffectsFailed(_))),
-        "{outcome:?}"
-    );
-    assert_eq!(audit_notes(&path).await, Vec::<String>::new());
-    storage.close().await;
-}
-
-#[tokio::test]
-async fn effects_bind_every_value_kind() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("flotilla.db");
-    let storage = open(&path).await;
-    let mut app = app_connection(&path).await;
-    sqlx::query("CREATE TABLE app_values (n, i, r, t, b)")
-        .execute(&mut app)
-        .await
-        .unwrap();
-    save(&storage, vec![message(1, "a")]).await;
-    let effect = Statement::new("INSERT INTO app_values VALUES (?, ?, ?, ?, ?)")
-        .bind(None::<i64>)
-        .bind(i64::MIN)
-        .bind(0.5_f64)
-        .bind("text ✓")
-        .bind(vec![0_u8, 255]);
-    let outcome = complete(
-        &storage,
-        vec![Completion {
-            effects: vec![effect],
-            ..completion(1, b"r")
-        }],
-    )
-    .await;
-    assert_eq!(outcome.completions, vec![CompletionOutcome::Recorded]);
-    let row: (Option<i64>, i64, f64, String, Vec<u8>) =
-        sqlx::query_as("SELECT n, i, r, t, b FROM app_values")
-            .fetch_one(&mut app)
-            .await
-            .unwrap();
-    assert_eq!(
-        row,
-        (None, i64::MIN, 0.5, "text ✓".to_owned(), vec![0, 255])
-    );
-    app.close().await.unwrap();
-    storage.close().await;
-}
-
-#[tokio::test]
 async fn a_failed_batch_commits_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flotilla.db");
-    let storage = open(&path).await;
+    let storage = open_sqlite(&path).await;
     save(&storage, vec![message(1, "a")]).await;
     // The reused id 1 is a primary-key violation: the whole batch fails.
     let result = storage
@@ -304,10 +123,61 @@ async fn a_failed_batch_commits_nothing() {
 }
 
 #[tokio::test]
+async fn a_write_cancelled_at_any_point_commits_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flotilla.db");
+    let storage = open_sqlite(&path).await;
+    create_audit_table_in(&path).await;
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    for polls in 1..=12_i64 {
+        let base = polls * 100;
+        save(&storage, vec![message(base, "a")]).await;
+        let batch = WriteBatch {
+            saves: vec![
+                message(base + 1, "b"),
+                keyed(base + 2, "b", &base.to_string()),
+            ],
+            completions: vec![
+                Completion {
+                    effects: vec![audit(base, &format!("note {base}"))],
+                    state: Some(state("a", &base.to_le_bytes())),
+                    ..completion(base, b"r")
+                },
+                completion(base + 1, b"r"),
+            ],
+        };
+        // Poll the write a few times, then drop it half way.
+        let mut cancelled = Box::pin(storage.write(batch));
+        for _ in 0..polls {
+            if cancelled.as_mut().poll(&mut context).is_ready() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        drop(cancelled);
+
+        // The next write goes through, and the cancelled one either
+        // committed entirely or not at all.
+        save(&storage, vec![message(base + 50, "c")]).await;
+        let committed = storage.reply(MessageId(base)).await.unwrap().is_some();
+        let saved = unprocessed_ids(&storage, 0).await.contains(&(base + 2));
+        let audited = audit_notes_in(&path)
+            .await
+            .contains(&format!("note {base}"));
+        assert_eq!(
+            (saved, audited),
+            (committed, committed),
+            "after {polls} polls"
+        );
+    }
+    storage.close().await;
+}
+
+#[tokio::test]
 async fn a_second_open_is_refused_while_the_first_holds_the_lock() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flotilla.db");
-    let first = open(&path).await;
+    let first = open_sqlite(&path).await;
     let second = SqliteStorage::open(&path).await;
     let Err(StorageError::InUse(reason)) = &second else {
         panic!("InUse expected, got {second:?}");
@@ -320,28 +190,32 @@ async fn a_second_open_is_refused_while_the_first_holds_the_lock() {
     save(&first, vec![message(1, "a")]).await;
 
     first.close().await;
-    let reopened = open(&path).await;
+    let reopened = open_sqlite(&path).await;
     assert_eq!(unprocessed_ids(&reopened, 0).await, vec![1]);
     // Dropping without close releases the lock too.
     drop(reopened);
-    open(&path).await.close().await;
+    open_sqlite(&path).await.close().await;
 }
 
 /// The environment variable that makes `lock_holder_child` hold a database.
 const HOLDER_ENV: &str = "FLOTILLA_TEST_LOCK_HOLDER_DB";
 
 /// Run as a child process by `a_sigkilled_runner_releases_the_lock_at_once`:
-/// opens the database, stores a message, says so and waits to be killed.
+/// opens the database, stores a message, says so and waits to be killed (or
+/// for its parent to go away, which closes its stdin).
 #[tokio::test]
 #[ignore = "a child process of a_sigkilled_runner_releases_the_lock_at_once"]
 async fn lock_holder_child() {
     let Ok(path) = std::env::var(HOLDER_ENV) else {
         return;
     };
-    let storage = open(Path::new(&path)).await;
+    let storage = open_sqlite(Path::new(&path)).await;
     save(&storage, vec![keyed(1, "a", "from-child")]).await;
     println!("HOLDING");
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    let parent_gone = tokio::task::spawn_blocking(|| {
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(60), parent_gone).await;
 }
 
 #[tokio::test]
@@ -357,6 +231,7 @@ async fn a_sigkilled_runner_releases_the_lock_at_once() {
             "--test-threads=1",
         ])
         .env(HOLDER_ENV, &path)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -383,7 +258,7 @@ async fn a_sigkilled_runner_releases_the_lock_at_once() {
     child.wait().unwrap();
 
     let started = Instant::now();
-    let storage = open(&path).await;
+    let storage = open_sqlite(&path).await;
     assert!(started.elapsed() < Duration::from_secs(2));
     // The child's acknowledged write survived its death.
     assert_eq!(unprocessed_ids(&storage, 0).await, vec![1]);
@@ -428,7 +303,7 @@ async fn flotilla_and_application_migrations_coexist() {
         .unwrap();
     app_v1.run(&mut app).await.unwrap();
 
-    let storage = open(&path).await;
+    let storage = open_sqlite(&path).await;
     // ...and again while Flotilla runs, with a new migration.
     let app_v2 = Migrator::with_migrations(vec![
         migration(
@@ -442,7 +317,7 @@ async fn flotilla_and_application_migrations_coexist() {
     app.close().await.unwrap();
     storage.close().await;
     // Flotilla reopens (re-validating its own migrations) beside them.
-    open(&path).await.close().await;
+    open_sqlite(&path).await.close().await;
 
     assert_eq!(
         applied_versions(&path, "_sqlx_migrations").await,
@@ -473,10 +348,41 @@ async fn flotilla_and_application_migrations_coexist() {
 }
 
 #[tokio::test]
+async fn a_database_migrated_by_a_newer_flotilla_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flotilla.db");
+    open_sqlite(&path).await.close().await;
+    let mut app = app_connection(&path).await;
+    sqlx::query(
+        "INSERT INTO flotilla_migrations \
+         (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from the future', TRUE, X'00', 0)",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    app.close().await.unwrap();
+
+    let refused = SqliteStorage::open(&path).await;
+    assert!(
+        matches!(refused, Err(StorageError::Migration(_))),
+        "{refused:?}"
+    );
+    // The refusal released the runner lock.
+    let mut app = app_connection(&path).await;
+    sqlx::query("DELETE FROM flotilla_migrations WHERE version = 9999")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    app.close().await.unwrap();
+    open_sqlite(&path).await.close().await;
+}
+
+#[tokio::test]
 async fn one_mib_payloads_and_states_round_trip_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flotilla.db");
-    let storage = open(&path).await;
+    let storage = open_sqlite(&path).await;
     // Every byte value, in a pattern that no page boundary aligns with.
     let blob = |seed: u32| -> Vec<u8> {
         (0..1024 * 1024_u32)
@@ -500,7 +406,7 @@ async fn one_mib_payloads_and_states_round_trip_bit_exact() {
     .await;
     storage.close().await;
 
-    let storage = open(&path).await;
+    let storage = open_sqlite(&path).await;
     assert!(storage.load_state(ACCOUNT, "a").await.unwrap() == Some(blob(2)));
     assert!(storage.reply(MessageId(1)).await.unwrap() == Some(StoredReply::Ok(blob(3))));
     storage.close().await;
@@ -510,7 +416,7 @@ async fn one_mib_payloads_and_states_round_trip_bit_exact() {
 async fn a_large_purge_deletes_every_old_row_in_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flotilla.db");
-    let storage = open(&path).await;
+    let storage = open_sqlite(&path).await;
     let ids: Vec<i64> = (1..=2_500).collect();
     save(&storage, ids.iter().map(|id| message(*id, "a")).collect()).await;
     complete(
@@ -521,63 +427,5 @@ async fn a_large_purge_deletes_every_old_row_in_chunks() {
     save(&storage, vec![message(5_000, "a")]).await;
     assert_eq!(storage.purge_processed(now_ms() + 1).await.unwrap(), 2_500);
     assert_eq!(unprocessed_ids(&storage, 0).await, vec![5_000]);
-    storage.close().await;
-}
-
-/// Not a pass/fail test: prints what the backend sustains on this machine.
-/// `cargo test --release -p flotilla --test storage_conformance -- --ignored --nocapture group_commit`
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark; run explicitly"]
-async fn group_commit_throughput_and_latency() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("flotilla.db");
-    let storage: Arc<dyn MessageStorage> = Arc::new(open(&path).await);
-
-    // One message's round trip: its save commits, then its completion.
-    let mut latencies = Vec::new();
-    for id in 1..=500_i64 {
-        let started = Instant::now();
-        save(&*storage, vec![keyed(id, "a", &id.to_string())]).await;
-        complete(&*storage, vec![completion(id, b"ok")]).await;
-        latencies.push(started.elapsed());
-    }
-    latencies.sort();
-    println!(
-        "round trip (2 commits): p50 {:?}, p99 {:?}",
-        latencies[latencies.len() / 2],
-        latencies[latencies.len() * 99 / 100]
-    );
-
-    // 64 callers: batches of 64 saves, then 64 completions (what group
-    // commit forms under that load).
-    let mut next = 1_000_000_i64;
-    let started = Instant::now();
-    let rounds = 300;
-    for _ in 0..rounds {
-        let ids: Vec<i64> = (next..next + 64).collect();
-        next += 64;
-        save(
-            &*storage,
-            ids.iter()
-                .map(|id| keyed(*id, &format!("e{}", id % 97), &id.to_string()))
-                .collect(),
-        )
-        .await;
-        complete(
-            &*storage,
-            ids.iter()
-                .map(|id| Completion {
-                    state: Some(state(&format!("e{}", id % 97), b"state")),
-                    ..completion(*id, b"ok")
-                })
-                .collect(),
-        )
-        .await;
-    }
-    let elapsed = started.elapsed();
-    println!(
-        "64 per batch: {:.0} messages/s (save + completion each)",
-        f64::from(rounds * 64) / elapsed.as_secs_f64()
-    );
     storage.close().await;
 }

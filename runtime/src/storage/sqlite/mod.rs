@@ -7,7 +7,9 @@
 //! application's `_sqlx_migrations`.
 
 mod sql;
+mod write;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -19,14 +21,14 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
+use sqlx::{ConnectOptions, Connection};
 
 use super::{
-    Completion, CompletionOutcome, MessageId, MessageStorage, NewMessage, SaveOutcome, SqlValue,
-    StoredMessage, StoredReply, UnixMillis, UnprocessedQuery, WriteBatch, WriteOutcome,
+    MessageId, MessageStorage, StoredMessage, StoredReply, UnixMillis, UnprocessedQuery,
+    WriteBatch, WriteOutcome,
 };
 use crate::error::StorageError;
-use crate::snowflake::now_unix_ms;
+use write::BatchError;
 
 /// How long a statement waits for a lock held by another connection (an
 /// application's own connection to the same file, a backup) before it fails
@@ -61,12 +63,68 @@ pub struct SqliteStorage {
     /// one group-commit task, so a second writer would only wait on SQLite's
     /// file lock (or fail with `SQLITE_BUSY`); a mutex makes the wait cheap and
     /// keeps the writer's prepared statements warm. `None` once closed.
-    writer: tokio::sync::Mutex<Option<SqliteConnection>>,
+    writer: tokio::sync::Mutex<Option<Writer>>,
     /// Read-only connections for queries, so a delivery scan never waits
     /// behind a group commit.
     readers: SqlitePool,
     /// The runner lock on `<path>.lock`, held until `close` or drop.
     lock: std::sync::Mutex<Option<File>>,
+}
+
+/// The writer connection and whether a transaction of ours is open on it.
+///
+/// Transactions are begun and ended with plain statements rather than
+/// sqlx's `Transaction`: a staged effect can end the transaction itself
+/// (`INSERT OR ROLLBACK`, a trigger's `RAISE(ROLLBACK, ..)`), after which
+/// sqlx's own bookkeeping would refuse every later `BEGIN` on the connection.
+struct Writer {
+    conn: SqliteConnection,
+    /// Set by `BEGIN`, cleared by `COMMIT`/`ROLLBACK`. Still set on entry
+    /// when a write was cancelled half way: the next use rolls it back.
+    in_transaction: bool,
+}
+
+impl Writer {
+    async fn begin(&mut self) -> Result<(), StorageError> {
+        self.end_abandoned().await;
+        // Set before the `BEGIN` is sent: a write cancelled while it waits
+        // leaves a transaction open in the worker, and a `ROLLBACK` when
+        // there is none is harmless.
+        self.in_transaction = true;
+        sqlx::query(sql::BEGIN_IMMEDIATE)
+            .execute(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), StorageError> {
+        match sqlx::query(sql::COMMIT).execute(&mut self.conn).await {
+            Ok(_) => {
+                self.in_transaction = false;
+                Ok(())
+            }
+            Err(error) => {
+                self.rollback().await;
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Rolls back whatever is open. Fails only when nothing is (the
+    /// transaction ended itself), which is what a rollback wants.
+    async fn rollback(&mut self) {
+        if let Err(error) = sqlx::query(sql::ROLLBACK).execute(&mut self.conn).await {
+            tracing::debug!(%error, "rollback found no transaction to end");
+        }
+        self.in_transaction = false;
+    }
+
+    async fn end_abandoned(&mut self) {
+        if self.in_transaction {
+            tracing::debug!("rolling back the transaction of a cancelled write");
+            self.rollback().await;
+        }
+    }
 }
 
 impl fmt::Debug for SqliteStorage {
@@ -85,6 +143,14 @@ impl SqliteStorage {
     /// Fails with [`StorageError::InUse`] when another runner has the file open.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
         let path = path.as_ref().to_path_buf();
+        if path.as_os_str() == ":memory:" {
+            // SQLite would give every connection its own empty database.
+            return Err(StorageError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "SQLite storage needs a file; for storage in memory use MemoryStorage \
+                 (`Cluster::builder().memory()`)",
+            )));
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -100,7 +166,7 @@ impl SqliteStorage {
         let mut writer = writer_options.connect().await?;
         let mut migrator = sqlx::migrate!("../migrations/sqlite");
         migrator.dangerous_set_table_name("flotilla_migrations");
-        migrator.run_direct(None, &mut writer, false).await?;
+        migrator.run(&mut writer).await?;
 
         // Readers open after the writer has put the file in WAL mode (a
         // persistent property of the file). Pool defaults suit a server pool,
@@ -121,7 +187,10 @@ impl SqliteStorage {
         Ok(Self {
             path,
             closed: AtomicBool::new(false),
-            writer: tokio::sync::Mutex::new(Some(writer)),
+            writer: tokio::sync::Mutex::new(Some(Writer {
+                conn: writer,
+                in_transaction: false,
+            })),
             readers,
             lock: std::sync::Mutex::new(Some(lock)),
         })
@@ -185,18 +254,29 @@ impl MessageStorage for SqliteStorage {
             return Ok(WriteOutcome::default());
         }
         let mut writer = self.writer.lock().await;
-        let conn = writer.as_mut().ok_or(StorageError::Closed)?;
-        let mut tx = conn.begin_with(sql::BEGIN_IMMEDIATE).await?;
-        match write_batch(&mut tx, batch).await {
-            Ok(outcome) => {
-                tx.commit().await?;
-                Ok(outcome)
-            }
-            Err(error) => {
-                if let Err(rollback) = tx.rollback().await {
-                    tracing::warn!(%rollback, "rollback of a failed batch failed");
+        let writer = writer.as_mut().ok_or(StorageError::Closed)?;
+        let mut voided = HashMap::new();
+        loop {
+            writer.begin().await?;
+            match write::write_batch(&mut writer.conn, &batch, &voided).await {
+                Ok(outcome) => {
+                    writer.commit().await?;
+                    return Ok(outcome);
                 }
-                Err(error)
+                Err(BatchError::Storage(error)) => {
+                    writer.rollback().await;
+                    return Err(error);
+                }
+                // Bounded: each round takes the effects of one more
+                // completion out of the batch.
+                Err(BatchError::Voided { message, reason }) => {
+                    writer.rollback().await;
+                    if voided.insert(message, reason).is_some() {
+                        return Err(StorageError::Corrupt(format!(
+                            "the completion of message {message} voided its batch twice"
+                        )));
+                    }
+                }
             }
         }
     }
@@ -258,11 +338,12 @@ impl MessageStorage for SqliteStorage {
             // The writer is taken per chunk, so group commits interleave with
             // a long purge instead of waiting for all of it.
             let mut writer = self.writer.lock().await;
-            let conn = writer.as_mut().ok_or(StorageError::Closed)?;
+            let writer = writer.as_mut().ok_or(StorageError::Closed)?;
+            writer.end_abandoned().await;
             let deleted = sqlx::query(sql::PURGE_PROCESSED)
                 .bind(processed_before)
                 .bind(sql::PURGE_CHUNK)
-                .execute(&mut *conn)
+                .execute(&mut writer.conn)
                 .await?
                 .rows_affected();
             purged += deleted;
@@ -278,7 +359,7 @@ impl MessageStorage for SqliteStorage {
         // the writer), so nothing is cut off half way.
         self.readers.close().await;
         if let Some(writer) = self.writer.lock().await.take()
-            && let Err(error) = writer.close().await
+            && let Err(error) = writer.conn.close().await
         {
             tracing::warn!(%error, path = %self.path.display(), "closing the SQLite writer failed");
         }
@@ -296,169 +377,10 @@ impl MessageStorage for SqliteStorage {
     }
 }
 
-/// Writes one batch inside the open transaction `conn`.
-async fn write_batch(
-    conn: &mut SqliteConnection,
-    batch: WriteBatch,
-) -> Result<WriteOutcome, StorageError> {
-    let mut outcome = WriteOutcome {
-        saves: Vec::with_capacity(batch.saves.len()),
-        completions: Vec::with_capacity(batch.completions.len()),
-    };
-    for message in &batch.saves {
-        outcome.saves.push(save(conn, message).await?);
-    }
-    let now = now_unix_ms() as i64;
-    for completion in batch.completions {
-        outcome
-            .completions
-            .push(complete(conn, completion, now).await?);
-    }
-    Ok(outcome)
-}
-
-async fn save(conn: &mut SqliteConnection, m: &NewMessage) -> Result<SaveOutcome, StorageError> {
-    let inserted = sqlx::query(sql::INSERT_MESSAGE)
-        .bind(m.id.0)
-        .bind(&*m.address.entity_type)
-        .bind(&*m.address.entity_id)
-        .bind(m.address.shard.group())
-        .bind(i64::from(m.address.shard.index()))
-        .bind(&m.tag)
-        .bind(m.key.as_ref().map(|k| k.as_str()))
-        .bind(&m.payload)
-        .bind(sql::encode_headers(&m.headers)?)
-        .bind(m.deliver_at)
-        .bind(m.created_at)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    if inserted == 1 {
-        return Ok(SaveOutcome::Saved);
-    }
-    // Not inserted: only a key conflict is ignored by the statement.
-    let Some(key) = &m.key else {
-        return Err(StorageError::Corrupt(format!(
-            "message {} without a key was not inserted",
-            m.id
-        )));
-    };
-    let row = sqlx::query(sql::SELECT_BY_KEY)
-        .bind(key.as_str())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| {
-            StorageError::Corrupt(format!("{key:?} conflicted but no message holds it"))
-        })?;
-    Ok(SaveOutcome::Duplicate {
-        id: MessageId(row.try_get(0)?),
-        reply: sql::decode_reply(row.try_get(1)?)?,
-    })
-}
-
-async fn complete(
-    conn: &mut SqliteConnection,
-    completion: Completion,
-    now: UnixMillis,
-) -> Result<CompletionOutcome, StorageError> {
-    let Completion {
-        message_id,
-        reply,
-        state,
-        effects,
-    } = completion;
-    let marked = sqlx::query(sql::COMPLETE_MESSAGE)
-        .bind(now)
-        .bind(sql::encode_reply(&reply)?)
-        .bind(message_id.0)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    if marked == 0 {
-        // Processed already, or unknown: nothing was written.
-        let existing: Option<Option<Vec<u8>>> = sqlx::query_scalar(sql::SELECT_REPLY)
-            .bind(message_id.0)
-            .fetch_optional(&mut *conn)
-            .await?;
-        return Ok(CompletionOutcome::AlreadyProcessed(sql::decode_reply(
-            existing.flatten(),
-        )?));
-    }
-    // Only effects can fail for a reason of their own; without them there is
-    // nothing to roll back to, and the savepoint's two round trips are saved.
-    let guarded = !effects.is_empty();
-    if guarded {
-        sqlx::query(sql::SAVEPOINT).execute(&mut *conn).await?;
-    }
-    if let Some(state) = &state {
-        sqlx::query(sql::UPSERT_STATE)
-            .bind(&state.entity_type)
-            .bind(&state.entity_id)
-            .bind(&state.bytes)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-    }
-    if !guarded {
-        return Ok(CompletionOutcome::Recorded);
-    }
-    let outcome = match run_effects(conn, effects).await? {
-        None => CompletionOutcome::Recorded,
-        Some(message) => {
-            sqlx::query(sql::ROLLBACK_TO_SAVEPOINT)
-                .execute(&mut *conn)
-                .await?;
-            // The rollback kept the processed mark (set before the savepoint)
-            // but the reply must say what happened: a failed completion is
-            // recorded, not retried forever.
-            sqlx::query(sql::REPLACE_REPLY)
-                .bind(sql::encode_reply(&StoredReply::EffectsFailed(
-                    message.clone(),
-                ))?)
-                .bind(message_id.0)
-                .execute(&mut *conn)
-                .await?;
-            CompletionOutcome::EffectsFailed(message)
-        }
-    };
-    sqlx::query(sql::RELEASE_SAVEPOINT)
-        .execute(&mut *conn)
-        .await?;
-    Ok(outcome)
-}
-
-/// Runs staged effects in order. `Ok(Some(message))`: one failed by its own
-/// fault (and the rest did not run); `Err`: the database is in trouble and
-/// the whole batch must fail.
-async fn run_effects(
-    conn: &mut SqliteConnection,
-    effects: Vec<super::Statement>,
-) -> Result<Option<String>, StorageError> {
-    for effect in effects {
-        if let Some(refusal) = sql::refuse_effect(effect.sql()) {
-            return Ok(Some(refusal));
-        }
-        let mut query = sqlx::query(AssertSqlSafe(effect.sql()));
-        for value in effect.params() {
-            query = match value {
-                SqlValue::Null => query.bind(None::<i64>),
-                SqlValue::Int(v) => query.bind(*v),
-                SqlValue::Real(v) => query.bind(*v),
-                SqlValue::Text(v) => query.bind(v.as_str()),
-                SqlValue::Blob(v) => query.bind(v.as_slice()),
-            };
-        }
-        match query.execute(&mut *conn).await {
-            Ok(_) => {}
-            Err(error) if sql::is_environmental(&error) => return Err(error.into()),
-            Err(error) => return Ok(Some(sql::database_message(&error))),
-        }
-    }
-    Ok(None)
-}
-
 #[cfg(test)]
 mod tests {
+    use sqlx::{AssertSqlSafe, Row};
+
     use super::*;
 
     /// SQLite's plan for `query`, one detail line per step.

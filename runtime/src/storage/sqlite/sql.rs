@@ -1,11 +1,12 @@
 //! The SQL of the SQLite backend, one statement per state transition, and the
 //! mapping between rows and storage types.
 //!
-//! Every statement is a `const` run through `sqlx::query` with bound values,
-//! so sqlx prepares it once per connection and reuses it from its statement
-//! cache.
+//! Every statement runs through `sqlx::query` with bound values, never with
+//! values spliced into its text, so sqlx prepares it once per connection and
+//! reuses it from its statement cache. Single-row statements are `const`s;
+//! multi-row ones are built once per shape (row count) from `const` parts.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::de::DeserializeOwned;
 use sqlx::Row;
@@ -19,22 +20,99 @@ use crate::storage::{Headers, MessageId, MessageKey, StoredMessage, StoredReply}
 /// A writer transaction takes the write lock at once: no reader-to-writer
 /// upgrade can then fail with `SQLITE_BUSY` halfway through a batch.
 pub(super) const BEGIN_IMMEDIATE: &str = "BEGIN IMMEDIATE";
+/// Ends a batch: one fsync (`synchronous = FULL`) for all of it.
+pub(super) const COMMIT: &str = "COMMIT";
+/// Abandons a batch.
+pub(super) const ROLLBACK: &str = "ROLLBACK";
 
-/// Stores a message; a message whose key exists already is skipped (0 rows).
-/// Only a key conflict is tolerated: an id that exists is a bug upstream and
-/// fails the batch.
-pub(super) const INSERT_MESSAGE: &str = "INSERT INTO flotilla_messages \
-     (id, entity_type, entity_id, shard_group, shard_index, tag, message_key, \
-      payload, headers, deliver_at, created_at) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-     ON CONFLICT (message_key) DO NOTHING";
+/// The most rows one multi-row statement carries (at 11 parameters a row,
+/// far below SQLite's limit of 32766).
+const MAX_ROWS: usize = 64;
+
+/// Row counts of multi-row statements are powers of two up to [`MAX_ROWS`],
+/// so each statement has 7 shapes, each prepared once per connection and
+/// cached, and a batch of n rows takes at most log2(n) + 1 statements.
+const SHAPES: usize = MAX_ROWS.ilog2() as usize + 1;
+
+/// How many of `remaining` (at least 1) rows the next statement takes.
+pub(super) fn chunk_len(remaining: usize) -> usize {
+    1 << remaining.clamp(1, MAX_ROWS).ilog2()
+}
+
+/// The statement of one shape, built once per process.
+fn shaped(
+    cache: &'static OnceLock<Vec<String>>,
+    rows: usize,
+    build: fn(usize) -> String,
+) -> &'static str {
+    debug_assert!(rows.is_power_of_two() && rows <= MAX_ROWS, "{rows} rows");
+    let shapes = cache.get_or_init(|| (0..SHAPES).map(|p| build(1 << p)).collect());
+    // Total for any `rows`: a wrong count would fail as a bind mismatch, not a panic.
+    let shape = rows.clamp(1, MAX_ROWS).ilog2() as usize;
+    shapes.get(shape).map_or("", String::as_str)
+}
+
+fn rows_of(row: &str, rows: usize) -> String {
+    vec![row; rows].join(", ")
+}
+
+/// Stores `rows` messages; a message whose key is taken (in storage, or by
+/// an earlier row of the same statement) is skipped. Only a key conflict is
+/// tolerated: an id stored under another key is a bug upstream and fails the
+/// batch.
+pub(super) fn insert_messages(rows: usize) -> &'static str {
+    static CACHE: OnceLock<Vec<String>> = OnceLock::new();
+    shaped(&CACHE, rows, |rows| {
+        format!(
+            "INSERT INTO flotilla_messages \
+             (id, entity_type, entity_id, shard_group, shard_index, tag, message_key, \
+              payload, headers, deliver_at, created_at) \
+             VALUES {} \
+             ON CONFLICT (message_key) DO NOTHING",
+            rows_of("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        )
+    })
+}
+
+/// Marks `rows` messages (`id, reply` pairs, then `processed_at`) processed
+/// with their replies and returns the ids it marked; a message unknown or
+/// processed already is left alone (the guard that makes a reply
+/// exactly-once). The ids of one statement must be distinct.
+pub(super) fn complete_messages(rows: usize) -> &'static str {
+    static CACHE: OnceLock<Vec<String>> = OnceLock::new();
+    shaped(&CACHE, rows, |rows| {
+        format!(
+            "WITH done (id, reply) AS (VALUES {}) \
+             UPDATE flotilla_messages SET processed_at = ?, reply = done.reply \
+             FROM done \
+             WHERE flotilla_messages.id = done.id AND flotilla_messages.processed_at IS NULL \
+             RETURNING id",
+            rows_of("(?, ?)", rows)
+        )
+    })
+}
+
+/// Saves the states of `rows` entities; for an entity present twice, the
+/// later row wins.
+pub(super) fn upsert_states(rows: usize) -> &'static str {
+    static CACHE: OnceLock<Vec<String>> = OnceLock::new();
+    shaped(&CACHE, rows, |rows| {
+        format!(
+            "INSERT INTO flotilla_entity_state (entity_type, entity_id, state, updated_at) \
+             VALUES {} \
+             ON CONFLICT (entity_type, entity_id) \
+             DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+            rows_of("(?, ?, ?, ?)", rows)
+        )
+    })
+}
 
 /// The message that holds a key, for a duplicate save.
 pub(super) const SELECT_BY_KEY: &str =
     "SELECT id, reply FROM flotilla_messages WHERE message_key = ?";
 
-/// Marks a message processed with its reply; 0 rows when it is unknown or
-/// processed already (the guard that makes a reply exactly-once).
+/// Marks one message processed with its reply; 0 rows when it is unknown or
+/// processed already.
 pub(super) const COMPLETE_MESSAGE: &str = "UPDATE flotilla_messages \
      SET processed_at = ?, reply = ? \
      WHERE id = ? AND processed_at IS NULL";
@@ -46,7 +124,7 @@ pub(super) const REPLACE_REPLY: &str = "UPDATE flotilla_messages SET reply = ? W
 /// The recorded reply of a message (NULL while unprocessed).
 pub(super) const SELECT_REPLY: &str = "SELECT reply FROM flotilla_messages WHERE id = ?";
 
-/// Saves entity state.
+/// Saves one entity's state.
 pub(super) const UPSERT_STATE: &str = "INSERT INTO flotilla_entity_state \
      (entity_type, entity_id, state, updated_at) VALUES (?, ?, ?, ?) \
      ON CONFLICT (entity_type, entity_id) \
@@ -268,6 +346,26 @@ pub(super) fn database_message(error: &sqlx::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_are_powers_of_two_up_to_the_maximum() {
+        let split = |mut n: usize| {
+            let mut chunks = Vec::new();
+            while n > 0 {
+                let len = chunk_len(n);
+                chunks.push(len);
+                n -= len;
+            }
+            chunks
+        };
+        assert_eq!(split(1), vec![1]);
+        assert_eq!(split(64), vec![64]);
+        assert_eq!(split(63), vec![32, 16, 8, 4, 2, 1]);
+        assert_eq!(split(130), vec![64, 64, 2]);
+        assert_eq!(insert_messages(4).matches('?').count(), 44);
+        assert_eq!(complete_messages(64).matches('?').count(), 129);
+        assert_eq!(upsert_states(1).matches('?').count(), 4);
+    }
 
     #[test]
     fn stored_values_decode_strictly() {
