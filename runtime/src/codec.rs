@@ -27,7 +27,8 @@ pub fn encode<T: Serialize + ?Sized>(
 /// Decodes exactly one `T` from `bytes`: no trailing bytes, at most
 /// [`MAX_DEPTH`] levels of nesting.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
-    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+    let mut rest = bytes;
+    let mut de = rmp_serde::Deserializer::new(&mut rest);
     de.set_max_depth(MAX_DEPTH);
     let value = T::deserialize(&mut de).map_err(|e| match e {
         rmp_serde::decode::Error::DepthLimitExceeded => DecodeError::TooDeep {
@@ -39,9 +40,12 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
             message: other.to_string(),
         },
     })?;
-    let extra = bytes.len() - (de.position() as usize).min(bytes.len());
-    if extra != 0 {
-        return Err(DecodeError::TrailingBytes { what, extra });
+    drop(de);
+    if !rest.is_empty() {
+        return Err(DecodeError::TrailingBytes {
+            what,
+            extra: rest.len(),
+        });
     }
     Ok(value)
 }

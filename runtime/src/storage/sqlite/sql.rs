@@ -179,26 +179,10 @@ pub(super) fn decode_reply(bytes: Option<Vec<u8>>) -> Result<Option<StoredReply>
     bytes.map(|b| decode("stored reply", &b)).transpose()
 }
 
-/// Decodes exactly one value written by [`codec::encode`]: no trailing
-/// bytes, at most [`codec::MAX_DEPTH`] levels of nesting.
-///
-/// This is what `codec::decode` promises, but at this commit `codec::decode`
-/// counts the whole input as trailing bytes (`get_ref()` of a
-/// `from_read_ref` deserializer is the whole slice, not the unread rest) and
-/// so refuses every value. Use `codec::decode` here once it is fixed.
+/// Decodes exactly one value written by [`codec::encode`] (strict: no
+/// trailing bytes, bounded nesting); a failure means the stored data is corrupt.
 fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StorageError> {
-    let mut rest = bytes;
-    let mut de = rmp_serde::Deserializer::new(&mut rest);
-    de.set_max_depth(codec::MAX_DEPTH);
-    let value = T::deserialize(&mut de)
-        .map_err(|e| StorageError::Corrupt(format!("malformed {what}: {e}")))?;
-    if !rest.is_empty() {
-        return Err(StorageError::Corrupt(format!(
-            "{what} has {} trailing bytes after the value",
-            rest.len()
-        )));
-    }
-    Ok(value)
+    codec::decode("stored value", bytes).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
 }
 
 /// Maps a row of [`SELECT_UNPROCESSED`] back to a message.
