@@ -12,8 +12,11 @@ use tracing::field::{Field, Visit};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 
+/// A span's name and its recorded fields.
+type SpanRecord = (String, Vec<(String, String)>);
+
 #[derive(Clone, Default)]
-struct SpanLog(Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>);
+struct SpanLog(Arc<Mutex<Vec<SpanRecord>>>);
 
 struct Fields(Vec<(String, String)>);
 

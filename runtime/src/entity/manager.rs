@@ -41,6 +41,9 @@ enum Envelope<E: Entity> {
 /// an idle entity's memory should not grow with the size of its requests.
 type Mail<E> = Box<Envelope<E>>;
 
+/// The mailboxes of the active entities of one type, by entity id.
+type Mailboxes<E> = HashMap<Arc<str>, Arc<Mailbox<Mail<E>>>>;
+
 /// Type-erased view of a manager, for the delivery loop.
 pub(crate) trait StoredDispatch: Send + Sync {
     /// Hands a stored message to its entity. False if it could not be
@@ -83,7 +86,7 @@ impl TypeMetrics {
 pub(crate) struct EntityManager<E: Entity> {
     svc: Arc<Services>,
     options: EntityOptions,
-    entities: Mutex<HashMap<Arc<str>, Arc<Mailbox<Mail<E>>>>>,
+    entities: Mutex<Mailboxes<E>>,
     metrics: TypeMetrics,
 }
 
