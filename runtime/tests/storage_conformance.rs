@@ -13,8 +13,6 @@
 mod fixtures;
 #[path = "storage_conformance/scenarios.rs"]
 mod scenarios;
-#[path = "storage_conformance/sqlite_bench.rs"]
-mod sqlite_bench;
 #[path = "storage_conformance/sqlite_effects.rs"]
 mod sqlite_effects;
 #[path = "storage_conformance/sqlite_only.rs"]
