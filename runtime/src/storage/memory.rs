@@ -84,16 +84,7 @@ impl MessageStorage for MemoryStorage {
             state.messages.insert(
                 message.id,
                 Row {
-                    message: Some(StoredMessage {
-                        id: message.id,
-                        address: message.address,
-                        tag: message.tag,
-                        key: message.key,
-                        payload: message.payload,
-                        headers: message.headers,
-                        deliver_at: message.deliver_at,
-                        created_at: message.created_at,
-                    }),
+                    message: Some(message),
                     processed_at: None,
                     reply: None,
                 },

@@ -105,28 +105,10 @@ impl fmt::Debug for MessageKey {
 /// Headers that travel with a message (trace context, sender).
 pub type Headers = BTreeMap<String, String>;
 
-/// A persisted message to store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewMessage {
-    /// Unique id.
-    pub id: MessageId,
-    /// The target entity.
-    pub address: EntityAddress,
-    /// The rpc name.
-    pub tag: String,
-    /// Dedup key, present only when the rpc declares `primary_key`.
-    pub key: Option<MessageKey>,
-    /// The encoded request (MessagePack, named fields).
-    pub payload: Vec<u8>,
-    /// Headers.
-    pub headers: Headers,
-    /// Not to be handled before this instant (`None`: at once).
-    pub deliver_at: Option<UnixMillis>,
-    /// When the sender stored it.
-    pub created_at: UnixMillis,
-}
+/// A persisted message to store: the same shape as what is read back.
+pub type NewMessage = StoredMessage;
 
-/// A stored, not yet processed message.
+/// A persisted message, as stored and as read back while unprocessed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredMessage {
     /// Unique id.
