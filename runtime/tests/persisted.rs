@@ -437,3 +437,80 @@ async fn message_ids_are_unique_snowflakes() {
     assert_eq!(ids.len(), 10_000);
     cluster.shutdown().await;
 }
+
+/// Delegates to memory storage; each commit takes 5 ms (an fsync) and is counted.
+#[derive(Debug, Default)]
+struct SlowCountingStorage {
+    inner: flotilla::storage::MemoryStorage,
+    commits: std::sync::atomic::AtomicUsize,
+    largest: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl MessageStorage for SlowCountingStorage {
+    async fn write(
+        &self,
+        batch: flotilla::storage::WriteBatch,
+    ) -> Result<flotilla::storage::WriteOutcome, flotilla::StorageError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.commits.fetch_add(1, SeqCst);
+        self.largest
+            .fetch_max(batch.saves.len() + batch.completions.len(), SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.inner.write(batch).await
+    }
+    async fn unprocessed(
+        &self,
+        query: UnprocessedQuery,
+    ) -> Result<Vec<flotilla::storage::StoredMessage>, flotilla::StorageError> {
+        self.inner.unprocessed(query).await
+    }
+    async fn next_delivery(&self, after: i64) -> Result<Option<i64>, flotilla::StorageError> {
+        self.inner.next_delivery(after).await
+    }
+    async fn reply(
+        &self,
+        id: flotilla::storage::MessageId,
+    ) -> Result<Option<flotilla::storage::StoredReply>, flotilla::StorageError> {
+        self.inner.reply(id).await
+    }
+    async fn load_state(
+        &self,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> Result<Option<Vec<u8>>, flotilla::StorageError> {
+        self.inner.load_state(entity_type, entity_id).await
+    }
+    async fn purge_processed(&self, before: i64) -> Result<u64, flotilla::StorageError> {
+        self.inner.purge_processed(before).await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_persisted_calls_share_commits() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let storage = Arc::new(SlowCountingStorage::default());
+    let cluster = Cluster::builder()
+        .storage(storage.clone())
+        .register::<Echo>()
+        .start()
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..64u32)
+        .map(|caller| {
+            let echo = cluster.client::<Echo>(format!("group-commit-{caller}"));
+            tokio::spawn(async move { echo.echo(caller, 0).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    // 64 saves and 64 completions: one commit each would be 128.
+    let commits = storage.commits.load(SeqCst);
+    assert!(commits <= 16, "{commits} commits for 128 writes");
+    assert!(storage.largest.load(SeqCst) >= 32, "batches stayed small");
+    cluster.shutdown().await;
+}
