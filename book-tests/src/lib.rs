@@ -13,7 +13,10 @@
 //! anyway. `SUMMARY.md` is mdBook's table of contents, not a page.
 //!
 //! Every page is included, also those with no Rust block today, so that a
-//! block added later is tested without anyone remembering to add it here.
+//! block added later is tested without anyone remembering to add it here;
+//! `tests/book_pages.rs` fails if a page is missing below, if a `rust,ignore`
+//! block is anything but an include, or if a fence names no language (rustdoc
+//! would test it as Rust).
 
 #[doc = include_str!("../../book/src/introduction.md")]
 mod introduction {}
