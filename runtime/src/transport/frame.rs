@@ -93,6 +93,15 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
         for frame in batch.drain(..) {
             sink.feed(frame).await?;
         }
+        if received > 1 {
+            // Under load, give the tasks that are about to queue a frame one
+            // turn, so the next flush carries theirs too. An idle connection
+            // (one frame) flushes at once and pays no latency for this.
+            tokio::task::yield_now().await;
+            while let Ok(frame) = queue.try_recv() {
+                sink.feed(frame).await?;
+            }
+        }
         SinkExt::<Bytes>::flush(&mut sink).await?;
     }
     SinkExt::<Bytes>::close(&mut sink).await
