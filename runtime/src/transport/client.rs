@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -148,6 +148,8 @@ struct Shared {
     state: Mutex<State>,
     /// The server said GoAway: in-flight calls finish, new ones go elsewhere.
     draining: AtomicBool,
+    /// Calls waiting for a reply; the writer batches harder when several are.
+    in_flight: AtomicUsize,
     closed: CancellationToken,
 }
 
@@ -193,6 +195,7 @@ struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         if !self.answered {
             lock(&self.shared.state).waiting.remove(&self.id);
         }
@@ -225,6 +228,7 @@ impl Connection {
             }
             state.waiting.insert(id, reply_tx);
         }
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut waiting = Waiting {
             shared: &self.shared,
             id,
@@ -280,11 +284,14 @@ async fn dial(
         peer,
         state: Mutex::new(State::default()),
         draining: AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
         closed: CancellationToken::new(),
     });
     let writer_shared = Arc::clone(&shared);
     tokio::spawn(async move {
-        let reason = match frame::write_loop(writer, queue, writer_shared.closed.clone()).await {
+        let kill = writer_shared.closed.clone();
+        let busy = || writer_shared.in_flight.load(Ordering::Relaxed) > 1;
+        let reason = match frame::write_loop(writer, queue, kill, busy).await {
             Ok(()) => "the connection was closed".to_owned(),
             Err(e) => format!("write failed: {e}"),
         };

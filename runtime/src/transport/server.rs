@@ -263,15 +263,20 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     let (outgoing, queue) = mpsc::channel::<Bytes>(ctx.config.write_queue.max(1));
     // Closes this connection only (malformed input), or all of them (abort).
     let kill = ctx.abort.child_token();
+    let max_in_flight = ctx.config.max_in_flight.max(1);
+    let permits = Arc::new(Semaphore::new(max_in_flight));
     let writer_kill = kill.clone();
+    let writer_permits = Arc::clone(&permits);
     ctx.tasks.spawn(async move {
-        if let Err(e) = frame::write_loop(writer, queue, writer_kill.clone()).await {
+        // The request being answered may still hold its permit: "busy" is
+        // more than one request in flight.
+        let busy = || writer_permits.available_permits() + 1 < max_in_flight;
+        if let Err(e) = frame::write_loop(writer, queue, writer_kill.clone(), busy).await {
             tracing::debug!(%peer, error = %e, "write failed; closing the connection");
             writer_kill.cancel();
         }
     });
 
-    let permits = Arc::new(Semaphore::new(ctx.config.max_in_flight.max(1)));
     loop {
         let next = tokio::select! {
             biased;
