@@ -232,6 +232,21 @@ async fn an_oversized_request_fails_alone_before_it_is_sent() {
 }
 
 #[tokio::test]
+async fn an_oversized_reply_breaks_the_connection_with_a_clear_reason() {
+    let big_reply = handler_fn(|_| async { Ok(vec![7; 4096]) });
+    let server = start(secret(), big_reply, TransportConfig::default()).await;
+    let transport = TcpTransport::new(secret(), TransportConfig::default().max_frame_size(1024));
+    let err = transport
+        .call(server.local_addr(), Request::new(vec![1]), PATIENCE)
+        .await
+        .expect_err("the reply is over the client's limit");
+    assert!(
+        matches!(&err, TransportError::Unavailable { reason, .. } if reason.contains("exceeds the limit of 1024 bytes")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn a_stopped_server_is_unavailable_and_a_restarted_one_is_reconnected() {
     let server = start(secret(), echo(), TransportConfig::default()).await;
     let addr: SocketAddr = server.local_addr();

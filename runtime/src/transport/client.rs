@@ -320,8 +320,12 @@ async fn read_loop(
         let bytes = match next {
             None => break "the peer closed the connection".to_owned(),
             Some(Err(e)) if frame::is_oversized(&e) => {
-                tracing::warn!(%peer, error = %e, "peer sent a frame over the limit; closing the connection");
-                break format!("the peer sent a frame over the limit: {e}");
+                let error = TransportError::FrameTooLarge {
+                    size: frame::declared_len(reader.read_buffer()),
+                    max: reader.decoder().max_frame_length(),
+                };
+                tracing::warn!(%peer, %error, "the peer sent a frame over the limit; closing the connection");
+                break error.to_string();
             }
             Some(Err(e)) => break format!("read failed: {e}"),
             Some(Ok(bytes)) => bytes,

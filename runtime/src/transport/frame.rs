@@ -68,6 +68,15 @@ pub(crate) fn is_oversized(error: &io::Error) -> bool {
         .is_some_and(|inner| inner.is::<length_delimited::LengthDelimitedCodecError>())
 }
 
+/// The length an oversized frame declared: the codec refuses it before
+/// consuming its header, so the header still leads the read buffer.
+pub(crate) fn declared_len(read_buffer: &[u8]) -> usize {
+    read_buffer
+        .get(..4)
+        .and_then(|head| <[u8; 4]>::try_from(head).ok())
+        .map_or(0, |head| u32::from_be_bytes(head) as usize)
+}
+
 /// Writes queued frames until every sender is gone or `kill` fires.
 ///
 /// Everything already queued is fed to the buffer before a single flush, so
@@ -213,6 +222,18 @@ mod tests {
             encode(&frame, 1024),
             Err(TransportError::FrameTooLarge { max: 1024, .. })
         ));
+    }
+
+    #[test]
+    fn an_oversized_incoming_frame_is_reported_with_its_declared_size() {
+        use tokio_util::codec::Decoder;
+        let mut codec = codec(16);
+        let mut buffer = bytes::BytesMut::from(&[0, 0, 0, 100, 1, 2, 3][..]);
+        let error = codec.decode(&mut buffer).expect_err("over the limit");
+        assert!(is_oversized(&error));
+        assert_eq!(declared_len(&buffer), 100);
+        let other = io::Error::other("reset");
+        assert!(!is_oversized(&other));
     }
 
     #[test]

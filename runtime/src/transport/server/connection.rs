@@ -92,7 +92,10 @@ pub(super) async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) 
             Some(Err(e)) => {
                 if frame::is_oversized(&e) {
                     bump(&ctx.counters.protocol_errors);
-                    let error = TransportError::FrameTooLarge { size: 0, max };
+                    let error = TransportError::FrameTooLarge {
+                        size: frame::declared_len(reader.read_buffer()),
+                        max,
+                    };
                     tracing::warn!(%peer, %error, detail = %e, "closing the connection");
                 } else {
                     tracing::debug!(%peer, error = %e, "read failed; closing the connection");
