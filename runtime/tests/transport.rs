@@ -417,3 +417,48 @@ async fn the_transport_is_usable_as_a_trait_object() {
         .expect("reply");
     assert_eq!(reply, vec![8]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_never_runs_more_requests_at_once_than_max_in_flight() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let handler = {
+        let (running, peak) = (Arc::clone(&running), Arc::clone(&peak));
+        handler_fn(move |incoming| {
+            let (running, peak) = (Arc::clone(&running), Arc::clone(&peak));
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                for _ in 0..10 {
+                    tokio::task::yield_now().await;
+                }
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(incoming.request.body)
+            }
+        })
+    };
+    let server = start(
+        secret(),
+        handler,
+        TransportConfig::default().max_in_flight(2),
+    )
+    .await;
+    let (transport, addr) = (client(), server.local_addr());
+    let calls = (0..50u8).map(|n| {
+        let transport = transport.clone();
+        async move { transport.call(addr, Request::new(vec![n]), PATIENCE).await }
+    });
+    for (n, reply) in futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(reply.expect("answered"), vec![n as u8]);
+    }
+    assert!(
+        peak.load(Ordering::SeqCst) <= 2,
+        "peak {}",
+        peak.load(Ordering::SeqCst)
+    );
+    assert_eq!(server.stats().requests, 50);
+}

@@ -131,6 +131,10 @@ pub(super) async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) 
         };
         let permit = tokio::select! {
             () = kill.cancelled() => return,
+            // Stopping while full: this request is left unanswered (its caller
+            // sees `Unavailable` when the connection closes) and the loop's
+            // top sends `GoAway`.
+            () = ctx.stop.cancelled() => continue,
             permit = Arc::clone(&permits).acquire_owned() => match permit {
                 Ok(permit) => permit,
                 // The semaphore is never closed.
