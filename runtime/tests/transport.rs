@@ -462,3 +462,38 @@ async fn a_connection_never_runs_more_requests_at_once_than_max_in_flight() {
     );
     assert_eq!(server.stats().requests, 50);
 }
+
+#[tokio::test]
+async fn a_ping_is_answered_without_the_handler_even_when_it_is_busy() {
+    let started = Arc::new(Notify::new());
+    let handler = {
+        let started = Arc::clone(&started);
+        handler_fn(move |_| {
+            let started = Arc::clone(&started);
+            async move {
+                started.notify_one();
+                std::future::pending::<Result<Vec<u8>, WireError>>().await
+            }
+        })
+    };
+    let server = start(secret(), handler, TransportConfig::default()).await;
+    let (transport, addr) = (client(), server.local_addr());
+    let stuck = tokio::spawn({
+        let transport = transport.clone();
+        async move { transport.call(addr, Request::new(vec![1]), PATIENCE).await }
+    });
+    started.notified().await;
+    transport.ping(addr, PATIENCE).await.expect("pong");
+    assert_eq!(server.stats().requests, 1, "the ping is not a request");
+    assert_eq!(server.stats().connections_accepted, 1);
+    stuck.abort();
+}
+
+#[tokio::test]
+async fn a_ping_to_nobody_is_unavailable() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let err = client().ping(addr, PATIENCE).await.expect_err("nobody");
+    assert!(err.is_unavailable(), "{err}");
+}

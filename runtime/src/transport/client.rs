@@ -96,6 +96,29 @@ impl TcpTransport {
             }))
     }
 
+    /// Checks that the runner at `peer` is reading its connection: sends a
+    /// `Ping` (connecting first if needed) and returns the round-trip time of
+    /// its `Pong`. The server answers from its reader, without the handler.
+    pub async fn ping(
+        &self,
+        peer: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Duration, TransportError> {
+        let started = std::time::Instant::now();
+        let ping = async {
+            let connection = self.connection(peer).await?;
+            connection.exchange(|id| Frame::Ping { id }).await
+        };
+        match tokio::time::timeout(timeout, ping).await {
+            Ok(Ok(_)) => Ok(started.elapsed()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(TransportError::Timeout {
+                peer,
+                after: timeout,
+            }),
+        }
+    }
+
     /// Number of peers with an open, usable connection.
     pub fn open_connections(&self) -> usize {
         let peers: Vec<_> = lock(&self.inner.peers).values().cloned().collect();
@@ -127,6 +150,10 @@ impl Transport for TcpTransport {
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError> {
         TcpTransport::call(self, peer, request, timeout).await
+    }
+
+    async fn ping(&self, peer: SocketAddr, timeout: Duration) -> Result<Duration, TransportError> {
+        TcpTransport::ping(self, peer, timeout).await
     }
 }
 
@@ -208,17 +235,20 @@ impl Connection {
     }
 
     async fn call(&self, request: Request, timeout: Duration) -> Result<Vec<u8>, TransportError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let budget_ms = u64::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(u64::MAX);
-        let bytes = frame::encode(
-            &Frame::Request {
-                id,
-                budget_ms,
-                headers: request.headers,
-                body: request.body,
-            },
-            self.max_frame_size,
-        )?;
+        self.exchange(|id| Frame::Request {
+            id,
+            budget_ms,
+            headers: request.headers,
+            body: request.body,
+        })
+        .await
+    }
+
+    /// Sends the frame `frame(id)` and waits for the answer carrying `id`.
+    async fn exchange(&self, frame: impl FnOnce(u64) -> Frame) -> Result<Vec<u8>, TransportError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = frame::encode(&frame(id), self.max_frame_size)?;
         let (reply_tx, reply_rx) = oneshot::channel();
         {
             let mut state = lock(&self.shared.state);
@@ -338,8 +368,14 @@ async fn read_loop(
                     let _ = waiter.send(result.map(|body| body.0));
                 }
             }
+            Ok(Frame::Pong { id }) => {
+                let waiter = lock(&shared.state).waiting.remove(&id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(Ok(Vec::new()));
+                }
+            }
             Ok(Frame::GoAway) => shared.draining.store(true, Ordering::Release),
-            Ok(Frame::Request { .. }) => {
+            Ok(Frame::Request { .. } | Frame::Ping { .. }) => {
                 tracing::warn!(%peer, "peer sent a request on a client connection; closing it");
                 break "the peer broke the protocol (request on a client connection)".to_owned();
             }

@@ -31,6 +31,10 @@ pub(crate) enum Frame {
         id: u64,
         result: Result<Bin, WireError>,
     },
+    /// Caller → server: are you reading this connection?
+    Ping { id: u64 },
+    /// Server → caller: the answer to the `Ping` with the same `id`.
+    Pong { id: u64 },
     /// Sent by a server that is stopping: finish what is in flight, open a
     /// new connection for new calls.
     GoAway,

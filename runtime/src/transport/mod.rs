@@ -57,6 +57,10 @@ pub trait Transport: Send + Sync + Debug + 'static {
         request: Request,
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError>;
+
+    /// Checks that the runner at `peer` is reading its connection and
+    /// returns the round-trip time; the peer's handler is not involved.
+    async fn ping(&self, peer: SocketAddr, timeout: Duration) -> Result<Duration, TransportError>;
 }
 
 /// A call's payload: opaque bytes plus string headers (trace context, for

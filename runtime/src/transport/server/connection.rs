@@ -115,6 +115,17 @@ pub(super) async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) 
                 headers,
                 body,
             }) => (id, budget_ms, headers, body),
+            Ok(Frame::Ping { id }) => {
+                // Answered here, not by the handler: a ping checks that this
+                // connection is read, whatever the handlers are doing.
+                if let Ok(bytes) = frame::encode(&Frame::Pong { id }, max) {
+                    tokio::select! {
+                        () = kill.cancelled() => return,
+                        _ = outgoing.send(bytes) => {}
+                    }
+                }
+                continue;
+            }
             Ok(other) => {
                 bump(&ctx.counters.protocol_errors);
                 tracing::warn!(%peer, frame = ?other, "unexpected frame from a client; closing the connection");
