@@ -57,6 +57,8 @@ mod error;
 pub mod sharding;
 pub mod snowflake;
 pub mod storage;
+pub mod time;
+pub mod transport;
 
 pub use client::EntityRef;
 pub use cluster::{Cluster, ClusterBuilder};

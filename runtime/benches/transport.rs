@@ -1,0 +1,125 @@
+//! Round-trip latency (p50/p99) and throughput of the runner transport, in
+//! one process over loopback: a server and a client on one connection.
+//!
+//! `cargo bench -p flotilla --bench transport` runs the full measurement;
+//! without `--bench` (as `cargo test --all-targets` runs it) it does a quick
+//! smoke pass so the benchmark itself stays tested. A word after `--` keeps
+//! only the cases whose name contains it.
+//!
+//! Targets (2 cores, two processes on loopback, later): >= 100,000 calls/s,
+//! p50 <= 30 us. Here client and server share the same two cores.
+
+use std::time::{Duration, Instant};
+
+use flotilla::transport::{
+    ClusterSecret, Request, TcpTransport, TransportConfig, handler_fn, serve,
+};
+use hdrhistogram::Histogram;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run(full, &filter));
+}
+
+async fn run(full: bool, filter: &str) {
+    let secret = ClusterSecret::new("benchmark cluster secret").expect("secret");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let echo = handler_fn(|incoming| async move { Ok(incoming.request.body) });
+    let server = serve(listener, secret.clone(), echo, TransportConfig::default())
+        .await
+        .expect("serve");
+    let transport = TcpTransport::new(secret, TransportConfig::default());
+    let addr = server.local_addr();
+    // Warm up: connect, handshake, fill the buffers.
+    drive(&transport, addr, 8, 1_000, 16).await;
+
+    let calls = if full { 400_000 } else { 2_000 };
+    let cases: [(&str, u64, u64, usize); 3] = [
+        ("round trip, 1 caller, 16 B", 1, calls / 8, 16),
+        ("round trip, 64 callers, 16 B", 64, calls, 16),
+        ("round trip, 64 callers, 1 KiB", 64, calls / 2, 1024),
+    ];
+    for (name, callers, calls, size) in cases {
+        if name.contains(filter) {
+            report(name, drive(&transport, addr, callers, calls, size).await);
+        }
+    }
+    let stats = server.stats();
+    assert_eq!(
+        stats.connections_accepted, 1,
+        "one connection for every caller"
+    );
+    server.stop(Duration::from_secs(5)).await;
+}
+
+struct Run {
+    latency: Histogram<u64>,
+    calls: u64,
+    elapsed: Duration,
+}
+
+/// `callers` tasks make `calls` calls in all over the one shared connection.
+async fn drive(
+    transport: &TcpTransport,
+    addr: std::net::SocketAddr,
+    callers: u64,
+    calls: u64,
+    size: usize,
+) -> Run {
+    let per_caller = calls / callers;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|caller| {
+            let transport = transport.clone();
+            tokio::spawn(async move {
+                let mut latency =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
+                for i in 0..per_caller {
+                    let mut body = vec![0u8; size.max(8)];
+                    body[..8].copy_from_slice(&(caller * per_caller + i).to_le_bytes());
+                    let t = Instant::now();
+                    let reply = transport
+                        .call(addr, Request::new(body.clone()), DEADLINE)
+                        .await;
+                    let took = t.elapsed().as_nanos() as u64;
+                    assert_eq!(reply.expect("call"), body);
+                    latency.record(took.max(1)).expect("record");
+                }
+                latency
+            })
+        })
+        .collect();
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
+    for task in tasks {
+        latency.add(task.await.expect("caller")).expect("merge");
+    }
+    Run {
+        latency,
+        calls: per_caller * callers,
+        elapsed: started.elapsed(),
+    }
+}
+
+fn report(name: &str, run: Run) {
+    let us = |q: f64| run.latency.value_at_quantile(q) as f64 / 1_000.0;
+    println!(
+        "{name}: p50 {:.1} us, p99 {:.1} us, {:.0} calls/s ({} calls)",
+        us(0.5),
+        us(0.99),
+        run.calls as f64 / run.elapsed.as_secs_f64(),
+        run.calls
+    );
+}
