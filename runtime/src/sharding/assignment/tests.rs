@@ -156,8 +156,46 @@ fn ceil_div(a: u32, b: usize) -> usize {
     (a as usize).div_ceil(b)
 }
 
+/// The bounded-load pass done the slow, obvious way: sort every pair.
+fn place_by_sorting_every_pair(group: &str, shards: u32, rs: &[Runner]) -> Vec<u32> {
+    let distinct = distinct_by_id(rs);
+    let prepared: Vec<PreparedRunner> = distinct.iter().map(PreparedRunner::new).collect();
+    let mut quotas = Quotas::new(shards, &distinct);
+    let mut pairs: Vec<(u64, u32, usize)> = (0..shards)
+        .flat_map(|index| {
+            let hash = shard_hash(group, index);
+            prepared
+                .iter()
+                .enumerate()
+                .map(move |(r, runner)| (pair_key(hash, runner), index, r))
+        })
+        .collect();
+    pairs.sort_unstable();
+    let mut load = vec![0u32; distinct.len()];
+    let mut owner = vec![u32::MAX; shards as usize];
+    for (_, index, r) in pairs {
+        if owner[index as usize] == u32::MAX && quotas.has_room(r, load[r]) {
+            quotas.take(r, load[r]);
+            load[r] += 1;
+            owner[index as usize] = r as u32;
+        }
+    }
+    owner
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// The heap with a few sorted candidates per shard is only a shortcut.
+    #[test]
+    fn the_fast_pass_equals_sorting_every_pair(rs in runner_sets(), shards in 1u32..=512) {
+        let map = assign("g", shards, &rs);
+        let owners: Vec<u32> = map
+            .iter()
+            .map(|(_, id)| map.runners().binary_search(id).unwrap_or(usize::MAX) as u32)
+            .collect();
+        prop_assert_eq!(owners, place_by_sorting_every_pair("g", shards, &rs));
+    }
 
     #[test]
     fn every_shard_has_exactly_one_owner(rs in runner_sets(), shards in 1u32..=1024) {
