@@ -111,6 +111,15 @@ fn weight_zero_counts_as_one() {
 }
 
 #[test]
+fn extreme_weights_neither_overflow_nor_starve_the_share_rule() {
+    let map = assign("g", 10, &runners(&[("huge", u32::MAX), ("tiny", 1)]));
+    assert_eq!(map.shard_indices_of(&RunnerId::new("huge")).len(), 10);
+    let map = assign("g", 10, &runners(&[("a", u32::MAX), ("b", u32::MAX)]));
+    assert_eq!(map.shard_indices_of(&RunnerId::new("a")).len(), 5);
+    assert_eq!(map.shard_indices_of(&RunnerId::new("b")).len(), 5);
+}
+
+#[test]
 fn moved_since_lists_shards_whose_owner_changed() {
     let before = assign("g", 30, &runners(&[("a", 1)]));
     let after = assign("g", 30, &runners(&[("a", 1), ("b", 1)]));
