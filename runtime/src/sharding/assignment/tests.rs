@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
+use super::hash::*;
 use super::*;
 
 fn runners(ids: &[(&str, u32)]) -> Vec<Runner> {
