@@ -57,8 +57,8 @@
 //! shard index as 4 little-endian bytes; the pair hash is the splitmix64
 //! finaliser of `shard_hash ^ splitmix64(runner_hash)`. Weighted rendezvous
 //! compares `-log2(u) / w` with `u` the pair hash read as a fraction; the
-//! logarithm is an integer approximation (below) so that no floating-point
-//! library can change a result. Golden tests pin all of it.
+//! logarithm is an integer approximation (`assignment/hash.rs`) so no float
+//! library or platform can change a result. Golden tests pin all of it.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
