@@ -1,6 +1,8 @@
 //! Identity of shards, runners and entities, and the fixed hash that maps an
 //! entity id to its shard.
 
+pub mod assignment;
+
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
