@@ -72,7 +72,12 @@ impl TestSchema {
         let options: PgConnectOptions = database_url().parse().expect("database url");
         PgPoolOptions::new()
             .max_connections(max_connections)
-            .connect_with(options.options([("search_path", self.name.as_str())]))
+            .connect_with(
+                options
+                    .options([("search_path", self.name.as_str())])
+                    // Lets a test find its own sessions in `pg_stat_activity`.
+                    .application_name(&self.name),
+            )
             .await
             .expect("pool on the test schema")
     }

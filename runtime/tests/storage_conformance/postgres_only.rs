@@ -353,3 +353,59 @@ async fn duplicates_across_statement_chunks_resolve_to_the_first() {
     assert_eq!(unprocessed_ids(&storage, 0).await.len(), n as usize);
     storage.close().await;
 }
+
+#[tokio::test]
+async fn a_cancelled_write_commits_nothing_and_holds_no_lock() {
+    let schema = TestSchema::create().await;
+    let storage = schema.storage("flotilla_").await;
+    let batch = WriteBatch {
+        saves: (1..=2000).map(|id| message(id, "a")).collect(),
+        completions: Vec::new(),
+    };
+    let app = schema.pool(1).await;
+    {
+        let write = storage.write(batch);
+        tokio::pin!(write);
+        // Driven until its transaction is open on the server, then dropped.
+        let mut began = false;
+        for _ in 0..10_000 {
+            assert!(
+                futures::poll!(&mut write).is_pending(),
+                "the write committed before the test could cancel it"
+            );
+            let open: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND pid <> pg_backend_pid() \
+                   AND xact_start IS NOT NULL",
+            )
+            .bind(schema.name())
+            .fetch_one(&app)
+            .await
+            .unwrap();
+            if open > 0 {
+                began = true;
+                break;
+            }
+        }
+        assert!(began, "the write never began its transaction");
+    }
+    // All or nothing: the dropped write never reached its commit.
+    assert_eq!(unprocessed_ids(&storage, 0).await, Vec::<i64>::new());
+    // No transaction of it is left open: a lock that conflicts with every
+    // other one is granted (within the bound, else the test fails).
+    let mut tx = app.begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("LOCK TABLE flotilla_messages IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .expect("a cancelled write left a transaction holding a lock");
+    tx.rollback().await.unwrap();
+    // And the storage writes on.
+    let outcome = save(&storage, vec![message(1, "a")]).await;
+    assert_eq!(outcome.saves, vec![SaveOutcome::Saved]);
+    storage.close().await;
+    app.close().await;
+}
