@@ -6,11 +6,20 @@
 //! `<backend>::<scenario>` (`memory::an_empty_batch_writes_nothing`,
 //! `sqlite::an_empty_batch_writes_nothing`). A new backend joins by adding a
 //! constructor to `fixtures` and its name to the `backends` list at the end.
+//!
+//! The PostgreSQL backend (feature `postgres`) runs against a real server:
+//! see `storage_conformance/postgres_db.rs` for `FLOTILLA_TEST_DATABASE_URL`.
 
 // A crate root resolves `mod` beside itself; the suite's files live in
 // `storage_conformance/`.
 #[path = "storage_conformance/fixtures.rs"]
 mod fixtures;
+#[cfg(feature = "postgres")]
+#[path = "storage_conformance/postgres_db.rs"]
+mod postgres_db;
+#[cfg(feature = "postgres")]
+#[path = "storage_conformance/postgres_only.rs"]
+mod postgres_only;
 #[path = "storage_conformance/scenarios.rs"]
 mod scenarios;
 #[path = "storage_conformance/sqlite_effects.rs"]
@@ -23,17 +32,18 @@ mod sqlite_only;
 /// `fixture_scenarios` take the whole fixture (to look at effects).
 macro_rules! conformance {
     (
-        backends: [$($backend:ident),+ $(,)?],
+        backends: [$($(#[$gate:meta])* $backend:ident),+ $(,)?],
         scenarios: $scenarios:tt,
         fixture_scenarios: $fixture_scenarios:tt $(,)?
     ) => {
-        $( conformance!(@backend $backend, $scenarios, $fixture_scenarios); )+
+        $( conformance!(@backend [$(#[$gate])*] $backend, $scenarios, $fixture_scenarios); )+
     };
     (
-        @backend $backend:ident,
+        @backend [$(#[$gate:meta])*] $backend:ident,
         [$($scenario:ident),* $(,)?],
         [$($fixture_scenario:ident),* $(,)?]
     ) => {
+        $(#[$gate])*
         mod $backend {
             $(
                 #[tokio::test]
@@ -56,7 +66,7 @@ macro_rules! conformance {
 }
 
 conformance! {
-    backends: [memory, sqlite],
+    backends: [memory, sqlite, #[cfg(feature = "postgres")] postgres],
     scenarios: [
         save_then_read_unprocessed_preserves_every_field,
         unprocessed_is_in_id_order_and_pages_with_after_and_limit,

@@ -11,6 +11,8 @@
 //! cannot reach the throughput targets.
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -20,6 +22,8 @@ use std::fmt;
 use async_trait::async_trait;
 
 pub use memory::MemoryStorage;
+#[cfg(feature = "postgres")]
+pub use postgres::{DEFAULT_PREFIX, PostgresSetupError, PostgresStorage};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStorage;
 

@@ -14,6 +14,9 @@ use flotilla::{EntityAddress, ShardId};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
 
+#[cfg(feature = "postgres")]
+use super::postgres_db::TestSchema;
+
 /// The entity type every scenario writes to.
 pub(crate) const ACCOUNT: &str = "Account";
 
@@ -33,6 +36,13 @@ enum Kind {
         path: PathBuf,
         // Removed (with the database) when the fixture drops, even on panic.
         _dir: tempfile::TempDir,
+    },
+    #[cfg(feature = "postgres")]
+    Postgres {
+        /// The application's pool on the test schema.
+        app: sqlx::PgPool,
+        // Dropped (with every table in it) when the fixture drops, even on panic.
+        _schema: TestSchema,
     },
 }
 
@@ -58,6 +68,21 @@ pub(crate) async fn sqlite() -> Fixture {
     }
 }
 
+/// A fresh PostgreSQL backend in a schema of its own.
+#[cfg(feature = "postgres")]
+pub(crate) async fn postgres() -> Fixture {
+    let schema = TestSchema::create().await;
+    let storage = schema.storage(flotilla::storage::DEFAULT_PREFIX).await;
+    let app = schema.pool(2).await;
+    Fixture {
+        storage: Arc::new(storage),
+        kind: Kind::Postgres {
+            app,
+            _schema: schema,
+        },
+    }
+}
+
 impl Fixture {
     /// The storage under test.
     pub(crate) fn storage(&self) -> Arc<dyn MessageStorage> {
@@ -66,13 +91,33 @@ impl Fixture {
 
     /// Creates the application's audit table, where the backend runs effects.
     pub(crate) async fn create_audit_table(&self) {
-        if let Kind::Sqlite { path, .. } = &self.kind {
-            let mut conn = app_connection(path).await;
-            sqlx::query(AUDIT_TABLE)
-                .execute(&mut conn)
-                .await
-                .expect("create app_audit");
-            conn.close().await.expect("close app connection");
+        match &self.kind {
+            Kind::Memory(_) => {}
+            Kind::Sqlite { path, .. } => {
+                let mut conn = app_connection(path).await;
+                sqlx::query(AUDIT_TABLE)
+                    .execute(&mut conn)
+                    .await
+                    .expect("create app_audit");
+                conn.close().await.expect("close app connection");
+            }
+            #[cfg(feature = "postgres")]
+            Kind::Postgres { app, .. } => {
+                sqlx::query(PG_AUDIT_TABLE)
+                    .execute(app)
+                    .await
+                    .expect("create app_audit");
+            }
+        }
+    }
+
+    /// The effect that inserts one audit row, in the backend's placeholder
+    /// syntax (`?` for SQLite, `$1` for PostgreSQL).
+    pub(crate) fn audit(&self, message: i64, note: &str) -> Statement {
+        match &self.kind {
+            #[cfg(feature = "postgres")]
+            Kind::Postgres { .. } => pg_audit(message, note),
+            _ => audit(message, note),
         }
     }
 
@@ -98,13 +143,37 @@ impl Fixture {
                 conn.close().await.expect("close app connection");
                 rows
             }
+            #[cfg(feature = "postgres")]
+            Kind::Postgres { app, .. } => {
+                sqlx::query_as("SELECT message, note FROM app_audit ORDER BY seq")
+                    .fetch_all(app)
+                    .await
+                    .expect("read app_audit")
+            }
         }
     }
 
     /// Closes the storage; the temporary directory goes with the fixture.
     pub(crate) async fn finish(self) {
         self.storage.close().await;
+        #[cfg(feature = "postgres")]
+        if let Kind::Postgres { app, .. } = &self.kind {
+            app.close().await;
+        }
     }
+}
+
+/// The PostgreSQL audit table; `seq` keeps the insertion order.
+#[cfg(feature = "postgres")]
+pub(crate) const PG_AUDIT_TABLE: &str = "CREATE TABLE app_audit \
+     (seq bigserial PRIMARY KEY, message bigint NOT NULL, note text NOT NULL UNIQUE)";
+
+/// The effect that inserts one audit row, with PostgreSQL placeholders.
+#[cfg(feature = "postgres")]
+pub(crate) fn pg_audit(message: i64, note: &str) -> Statement {
+    Statement::new("INSERT INTO app_audit (message, note) VALUES ($1, $2)")
+        .bind(message)
+        .bind(note)
 }
 
 /// A connection of "the application" to the same database file.

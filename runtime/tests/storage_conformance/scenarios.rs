@@ -514,12 +514,12 @@ pub(crate) async fn effects_commit_with_their_completion(fixture: &Fixture) {
         &*storage,
         vec![
             Completion {
-                effects: vec![audit(1, "first"), audit(1, "second")],
+                effects: vec![fixture.audit(1, "first"), fixture.audit(1, "second")],
                 state: Some(state("a", b"A")),
                 ..completion(1, b"r1")
             },
             Completion {
-                effects: vec![audit(2, "third")],
+                effects: vec![fixture.audit(2, "third")],
                 ..completion(2, b"r2")
             },
         ],
@@ -540,7 +540,7 @@ pub(crate) async fn effects_commit_with_their_completion(fixture: &Fixture) {
     let outcome = complete(
         &*storage,
         vec![Completion {
-            effects: vec![audit(1, "again")],
+            effects: vec![fixture.audit(1, "again")],
             ..completion(1, b"r1 again")
         }],
     )
@@ -695,7 +695,7 @@ pub(crate) async fn mixed_completions_apply_state_in_batch_order(fixture: &Fixtu
             },
             Completion {
                 state: Some(state("a", b"2")),
-                effects: vec![audit(2, "two")],
+                effects: vec![fixture.audit(2, "two")],
                 ..completion(2, b"r2")
             },
             Completion {
@@ -704,7 +704,7 @@ pub(crate) async fn mixed_completions_apply_state_in_batch_order(fixture: &Fixtu
             },
             Completion {
                 state: Some(state("b", b"4")),
-                effects: vec![audit(4, "four")],
+                effects: vec![fixture.audit(4, "four")],
                 ..completion(4, b"r4")
             },
         ],

@@ -1,0 +1,325 @@
+//! The SQL of the PostgreSQL backend, and the mapping of its rows and errors.
+//!
+//! Table names carry the storage's prefix, so the statements are built once
+//! per storage ([`Statements::new`]) and then used as fixed strings: sqlx
+//! prepares each text once per connection and caches it. Multi-row writes
+//! bind one array per column and expand it with `UNNEST`, so a statement has
+//! one shape whatever the row count.
+
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+
+use crate::codec;
+use crate::error::StorageError;
+use crate::sharding::{EntityAddress, ShardId};
+use crate::storage::{Headers, MessageId, MessageKey, StoredMessage, StoredReply};
+
+/// The most rows one multi-row statement carries. Arrays have no parameter
+/// limit; the bound keeps one statement's memory and run time modest.
+pub(super) const MAX_ROWS: usize = 1024;
+
+/// How many processed rows one purge statement deletes, so that a large
+/// purge never holds row locks or bloats one transaction for long.
+pub(super) const PURGE_CHUNK: i64 = 1000;
+
+/// Every statement of one storage, with its table prefix filled in.
+#[derive(Debug)]
+pub(super) struct Statements {
+    /// Stores messages whose key is free; returns the ids stored.
+    pub(super) insert_messages: String,
+    /// `message_key, id, reply` of the messages holding the given keys.
+    pub(super) select_by_keys: String,
+    /// Marks unprocessed messages processed with their replies; returns the ids marked.
+    pub(super) complete_messages: String,
+    /// `id, reply` of the given messages (for those already processed).
+    pub(super) select_replies: String,
+    /// Saves entity states (one row per entity per statement).
+    pub(super) upsert_states: String,
+    /// Marks one message processed; 0 rows when it is unknown or processed.
+    pub(super) complete_message: String,
+    /// Replaces the reply of a completion whose effects failed.
+    pub(super) replace_reply: String,
+    /// The reply of one message.
+    pub(super) select_reply: String,
+    /// The state of one entity.
+    pub(super) select_state: String,
+    /// Ready unprocessed messages in id order.
+    pub(super) select_unprocessed: String,
+    /// The earliest scheduled delivery after an instant.
+    pub(super) next_delivery: String,
+    /// Deletes one chunk of old processed messages.
+    pub(super) purge_processed: String,
+}
+
+/// The columns of a stored message, in the order `stored_message` reads them.
+const MESSAGE_COLUMNS: &str = "id, entity_type, entity_id, shard_group, shard_index, tag, \
+     message_key, payload, headers, deliver_at, created_at";
+
+impl Statements {
+    /// The statements for tables prefixed `p` (validated by the caller).
+    pub(super) fn new(p: &str) -> Arc<Self> {
+        Arc::new(Self {
+            // `WITH ORDINALITY .. ORDER BY`: rows are inserted in batch order,
+            // so of two saves with one key the first in the batch is stored.
+            insert_messages: format!(
+                "INSERT INTO {p}messages ({MESSAGE_COLUMNS}) \
+                 SELECT id, entity_type, entity_id, shard_group, shard_index, tag, \
+                        message_key, payload, headers, deliver_at, created_at \
+                 FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
+                             $6::text[], $7::text[], $8::bytea[], $9::bytea[], $10::bigint[], \
+                             $11::bigint[]) WITH ORDINALITY \
+                      AS m ({MESSAGE_COLUMNS}, ord) \
+                 ORDER BY ord \
+                 ON CONFLICT (message_key) DO NOTHING \
+                 RETURNING id"
+            ),
+            select_by_keys: format!(
+                "SELECT message_key, id, reply FROM {p}messages \
+                 WHERE message_key = ANY($1::text[])"
+            ),
+            complete_messages: format!(
+                "UPDATE {p}messages AS m SET processed_at = $3, reply = done.reply \
+                 FROM UNNEST($1::bigint[], $2::bytea[]) AS done (id, reply) \
+                 WHERE m.id = done.id AND m.processed_at IS NULL \
+                 RETURNING m.id"
+            ),
+            select_replies: format!(
+                "SELECT id, reply FROM {p}messages WHERE id = ANY($1::bigint[])"
+            ),
+            upsert_states: format!(
+                "INSERT INTO {p}entity_state (entity_type, entity_id, state, updated_at) \
+                 SELECT entity_type, entity_id, state, $4 \
+                 FROM UNNEST($1::text[], $2::text[], $3::bytea[]) \
+                      AS s (entity_type, entity_id, state) \
+                 ON CONFLICT (entity_type, entity_id) \
+                 DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
+            ),
+            complete_message: format!(
+                "UPDATE {p}messages SET processed_at = $1, reply = $2 \
+                 WHERE id = $3 AND processed_at IS NULL"
+            ),
+            replace_reply: format!("UPDATE {p}messages SET reply = $1 WHERE id = $2"),
+            select_reply: format!("SELECT reply FROM {p}messages WHERE id = $1"),
+            select_state: format!(
+                "SELECT state FROM {p}entity_state WHERE entity_type = $1 AND entity_id = $2"
+            ),
+            select_unprocessed: format!(
+                "SELECT {MESSAGE_COLUMNS} FROM {p}messages \
+                 WHERE processed_at IS NULL AND (deliver_at IS NULL OR deliver_at <= $1) \
+                   AND id > $2 \
+                 ORDER BY id LIMIT $3"
+            ),
+            next_delivery: format!(
+                "SELECT MIN(deliver_at) FROM {p}messages \
+                 WHERE processed_at IS NULL AND deliver_at > $1"
+            ),
+            purge_processed: format!(
+                "DELETE FROM {p}messages WHERE id IN \
+                 (SELECT id FROM {p}messages \
+                  WHERE processed_at IS NOT NULL AND processed_at < $1 LIMIT $2)"
+            ),
+        })
+    }
+}
+
+/// One completion's effects and state commit or roll back together.
+pub(super) const SAVEPOINT: &str = "SAVEPOINT flotilla_completion";
+/// Undoes the effects and state of one completion, keeping the rest of the batch.
+pub(super) const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT flotilla_completion";
+/// Ends the savepoint (its writes stay part of the batch transaction).
+pub(super) const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT flotilla_completion";
+
+/// Encodes headers for the `headers` column.
+pub(super) fn encode_headers(headers: &Headers) -> Result<Vec<u8>, StorageError> {
+    codec::encode("message headers", headers).map_err(|e| StorageError::Corrupt(e.to_string()))
+}
+
+/// Encodes a reply for the `reply` column.
+pub(super) fn encode_reply(reply: &StoredReply) -> Result<Vec<u8>, StorageError> {
+    codec::encode("stored reply", reply).map_err(|e| StorageError::Corrupt(e.to_string()))
+}
+
+/// Decodes a `reply` column.
+pub(super) fn decode_reply(bytes: Option<Vec<u8>>) -> Result<Option<StoredReply>, StorageError> {
+    bytes.map(|b| decode("stored reply", &b)).transpose()
+}
+
+/// Decodes exactly one value (strict: no trailing bytes, bounded nesting); a
+/// failure means the stored data is corrupt.
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StorageError> {
+    codec::decode("stored value", bytes).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
+}
+
+/// Maps a row of `select_unprocessed` back to a message.
+pub(super) fn stored_message(row: &PgRow) -> Result<StoredMessage, StorageError> {
+    let id: i64 = row.try_get(0)?;
+    let entity_type: String = row.try_get(1)?;
+    let entity_id: String = row.try_get(2)?;
+    let shard_group: String = row.try_get(3)?;
+    let shard_index: i64 = row.try_get(4)?;
+    let shard_index = u32::try_from(shard_index).map_err(|_| {
+        StorageError::Corrupt(format!(
+            "message {id} has shard index {shard_index}, outside 0..2^32"
+        ))
+    })?;
+    let headers: Vec<u8> = row.try_get(8)?;
+    let headers: Headers = decode(&format!("headers of message {id}"), &headers)?;
+    Ok(StoredMessage {
+        id: MessageId(id),
+        address: EntityAddress {
+            entity_type: Arc::from(entity_type),
+            entity_id: Arc::from(entity_id),
+            shard: ShardId::new(shard_group, shard_index),
+        },
+        tag: row.try_get(5)?,
+        key: row
+            .try_get::<Option<String>, _>(6)?
+            .map(MessageKey::from_stored),
+        payload: row.try_get(7)?,
+        headers,
+        deliver_at: row.try_get(9)?,
+        created_at: row.try_get(10)?,
+    })
+}
+
+/// Why a staged effect is refused before it runs, if it is.
+///
+/// An effect runs inside the batch transaction, so it must be a data
+/// statement: transaction control (`COMMIT`, `ROLLBACK`, `SAVEPOINT`,
+/// `RELEASE`), session settings (`SET`, `RESET`, `DISCARD`), `LISTEN`/`NOTIFY`
+/// (a NOTIFY inside the write transaction serialises every commit), `CALL`
+/// (a procedure may commit) or DDL could end or escape the transaction that
+/// makes the completion atomic. A second statement after a `;` needs no check
+/// here: effects run as prepared statements, which PostgreSQL refuses to
+/// hold more than one command (a fault of the effect, so only its own
+/// completion fails).
+pub(super) fn refuse_effect(sql: &str) -> Option<String> {
+    const ALLOWED: [&str; 6] = ["INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "SELECT"];
+    let first = first_keyword(sql);
+    if ALLOWED.iter().any(|k| first.eq_ignore_ascii_case(k)) {
+        return None;
+    }
+    Some(format!(
+        "a staged effect must be one INSERT, UPDATE, DELETE, MERGE, WITH or SELECT \
+         statement; `{first}` is not allowed inside the completion transaction"
+    ))
+}
+
+/// The first word of `sql`, after whitespace and comments.
+fn first_keyword(sql: &str) -> &str {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start();
+        if let Some(after) = rest.strip_prefix("--") {
+            rest = after.split_once('\n').map_or("", |(_, r)| r);
+        } else if let Some(after) = rest.strip_prefix("/*") {
+            rest = after.split_once("*/").map_or("", |(_, r)| r);
+        } else {
+            break;
+        }
+    }
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(rest.len());
+    &rest[..end]
+}
+
+/// True for errors that say the database, the connection or the transaction
+/// is in trouble (connection lost, serialization failure or deadlock, out of
+/// resources, shutdown, cancelled, internal), as opposed to a fault of the
+/// statement itself (syntax, missing table, constraint, bad data). A staged
+/// effect failing for the first reason fails the whole batch, to be retried;
+/// for the second it fails only its completion.
+pub(super) fn is_environmental(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return true;
+    };
+    let Some(code) = db.code() else {
+        return false;
+    };
+    // SQLSTATE classes: 08 connection exception, 25 invalid transaction
+    // state, 40 transaction rollback, 53 insufficient resources, 55 object
+    // not in prerequisite state (lock not available), 57 operator
+    // intervention (shutdown, cancel), 58 system error, F0 configuration
+    // file error, XX internal error.
+    matches!(
+        code.get(..2),
+        Some("08" | "25" | "40" | "53" | "55" | "57" | "58" | "F0" | "XX")
+    )
+}
+
+/// The database's own message for an error, for `EffectsFailed`.
+pub(super) fn database_message(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_carry_the_prefix_and_no_other_table_name() {
+        let s = Statements::new("app_");
+        for sql in [
+            &s.insert_messages,
+            &s.complete_messages,
+            &s.upsert_states,
+            &s.select_unprocessed,
+            &s.purge_processed,
+        ] {
+            assert!(sql.contains("app_"), "{sql}");
+            assert!(!sql.contains("flotilla_"), "{sql}");
+        }
+        // The arrays are bound once: the shape does not depend on a row count.
+        assert_eq!(s.insert_messages.matches('$').count(), 11);
+    }
+
+    #[test]
+    fn data_statements_are_accepted() {
+        for sql in [
+            "INSERT INTO audit (a) VALUES ($1)",
+            "  update audit set a = 1",
+            "-- note\nDELETE FROM audit WHERE a = ';'",
+            "/* c */ WITH x AS (SELECT 1) INSERT INTO audit SELECT * FROM x",
+            "merge into audit using src on true when matched then do nothing",
+        ] {
+            assert_eq!(refuse_effect(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn transaction_control_and_session_statements_are_refused() {
+        for sql in [
+            "COMMIT",
+            "rollback",
+            "END",
+            "RELEASE SAVEPOINT flotilla_completion",
+            "SAVEPOINT x",
+            "SET search_path = other",
+            "NOTIFY flotilla",
+            "CALL do_things()",
+            "CREATE TABLE t (a int)",
+            "",
+        ] {
+            assert!(refuse_effect(sql).is_some(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn stored_values_decode_strictly() {
+        let reply = StoredReply::Panicked("boom".to_owned());
+        let mut bytes = encode_reply(&reply).unwrap();
+        assert_eq!(decode_reply(Some(bytes.clone())).unwrap(), Some(reply));
+        bytes.push(0xc0);
+        assert!(matches!(
+            decode_reply(Some(bytes)),
+            Err(StorageError::Corrupt(m)) if m.contains("trailing bytes")
+        ));
+    }
+}
