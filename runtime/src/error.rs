@@ -151,6 +151,57 @@ pub enum StorageError {
     /// One failure shared by every item of a batch that failed as a whole.
     #[error(transparent)]
     Shared(std::sync::Arc<StorageError>),
+    /// The backend could not be set up (bad table prefix, a schema from a
+    /// newer Flotilla, an edited migration). Nothing was changed.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+}
+
+impl StorageError {
+    /// The setup error inside, if that is what this is.
+    pub fn setup_error(&self) -> Option<&SetupError> {
+        match self {
+            StorageError::Setup(e) => Some(e),
+            StorageError::Shared(shared) => shared.setup_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Why a storage backend could not be set up (carried by `StorageError::Setup`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// The table prefix does not follow the rule.
+    #[error(
+        "invalid table prefix {prefix:?}: it must match `^[a-z_][a-z0-9_]{{0,40}}$` (a lower-case letter or \
+         `_`, then at most 40 lower-case letters, digits or `_`), e.g. `flotilla_`"
+    )]
+    InvalidPrefix {
+        /// The prefix given.
+        prefix: String,
+    },
+    /// The database was migrated by a newer Flotilla: it holds a migration
+    /// this build does not know. Nothing was changed.
+    #[error(
+        "the database holds Flotilla migration {found}, but this build knows migrations up to \
+         {known} only: it was migrated by a newer Flotilla; upgrade this runner"
+    )]
+    NewerSchema {
+        /// The unknown version found in the database.
+        found: i64,
+        /// The newest version this build knows.
+        known: i64,
+    },
+    /// An applied migration differs from this build's copy of it.
+    #[error(
+        "Flotilla migration {version} applied to the database differs from this build's \
+         (checksum mismatch): the migration was edited after it was applied; restore it"
+    )]
+    ChecksumMismatch {
+        /// The migration that differs.
+        version: i64,
+    },
 }
 
 /// A value could not be encoded as MessagePack.

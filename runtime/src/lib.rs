@@ -64,7 +64,9 @@ pub use client::EntityRef;
 pub use cluster::{Cluster, ClusterBuilder};
 pub use config::{ClusterConfig, StorageConfig};
 pub use entity::{Entity, EntityContext, EntityOptions, RequestInfo, StageError};
-pub use error::{ClusterError, ConfigError, DecodeError, EncodeError, StartError, StorageError};
+pub use error::{
+    ClusterError, ConfigError, DecodeError, EncodeError, SetupError, StartError, StorageError,
+};
 pub use flotilla_macros::{entity, rpc};
 pub use sharding::{EntityAddress, RunnerId, ShardId};
 pub use snowflake::{Snowflake, SnowflakeGenerator};

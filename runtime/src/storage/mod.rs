@@ -23,7 +23,7 @@ use async_trait::async_trait;
 
 pub use memory::MemoryStorage;
 #[cfg(feature = "postgres")]
-pub use postgres::{DEFAULT_PREFIX, PostgresSetupError, PostgresStorage};
+pub use postgres::{DEFAULT_PREFIX, PostgresStorage};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStorage;
 

@@ -1,10 +1,11 @@
 //! PostgreSQL-only guarantees: table prefixes, the migrator, and staged
 //! effects with `$n` placeholders.
 
+use flotilla::SetupError;
 use flotilla::StorageError;
 use flotilla::storage::{
-    Completion, CompletionOutcome, MessageStorage, PostgresSetupError, PostgresStorage,
-    SaveOutcome, SqlValue, Statement, StoredReply, WriteBatch,
+    Completion, CompletionOutcome, MessageStorage, PostgresStorage, SaveOutcome, SqlValue,
+    Statement, StoredReply, WriteBatch,
 };
 use sqlx::{AssertSqlSafe, PgPool};
 
@@ -21,8 +22,10 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
         .expect("count")
 }
 
-fn setup_error(error: &StorageError) -> &PostgresSetupError {
-    PostgresSetupError::of(error).unwrap_or_else(|| panic!("not a setup error: {error:?}"))
+fn setup_error(error: &StorageError) -> &SetupError {
+    error
+        .setup_error()
+        .unwrap_or_else(|| panic!("not a setup error: {error:?}"))
 }
 
 #[tokio::test]
@@ -34,7 +37,7 @@ async fn a_prefix_outside_the_rule_is_refused_with_the_rule() {
             .expect_err(bad);
         assert_eq!(
             setup_error(&error),
-            &PostgresSetupError::InvalidPrefix {
+            &SetupError::InvalidPrefix {
                 prefix: bad.to_owned()
             }
         );
@@ -47,7 +50,7 @@ async fn a_prefix_outside_the_rule_is_refused_with_the_rule() {
             .expect_err(bad);
         assert!(matches!(
             setup_error(&error),
-            PostgresSetupError::InvalidPrefix { .. }
+            SetupError::InvalidPrefix { .. }
         ));
     }
     // Nothing was created for a refused prefix.
@@ -160,7 +163,7 @@ async fn a_database_migrated_by_a_newer_version_is_refused() {
         .expect_err("a newer database must be refused");
     assert_eq!(
         setup_error(&error),
-        &PostgresSetupError::NewerSchema {
+        &SetupError::NewerSchema {
             found: 999,
             known: MIGRATIONS
         }
@@ -188,7 +191,7 @@ async fn an_applied_migration_that_changed_is_a_checksum_mismatch() {
         .expect_err("a changed migration must be refused");
     assert_eq!(
         setup_error(&error),
-        &PostgresSetupError::ChecksumMismatch { version: 1 }
+        &SetupError::ChecksumMismatch { version: 1 }
     );
     app.close().await;
 }

@@ -12,7 +12,7 @@
 use sha2::{Digest, Sha256};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
 
-use super::{PostgresSetupError, setup_error};
+use crate::error::SetupError;
 use crate::error::StorageError;
 
 /// One embedded migration.
@@ -63,9 +63,9 @@ impl Migration {
 
 /// Applies the migrations of `migrations` that the database lacks.
 ///
-/// Fails with [`PostgresSetupError::NewerSchema`] when the database holds a
+/// Fails with [`SetupError::NewerSchema`] when the database holds a
 /// version this build does not know, and with
-/// [`PostgresSetupError::ChecksumMismatch`] when an applied migration differs
+/// [`SetupError::ChecksumMismatch`] when an applied migration differs
 /// from this build's; in both cases nothing is changed.
 pub(super) async fn migrate(
     pool: &PgPool,
@@ -119,13 +119,13 @@ async fn apply(
         let version: i64 = row.try_get(0)?;
         let checksum: Vec<u8> = row.try_get(1)?;
         let Some(migration) = migrations.iter().find(|m| m.version == version) else {
-            return Err(setup_error(PostgresSetupError::NewerSchema {
+            return Err(StorageError::Setup(SetupError::NewerSchema {
                 found: version,
                 known,
             }));
         };
         if migration.checksum() != checksum {
-            return Err(setup_error(PostgresSetupError::ChecksumMismatch {
+            return Err(StorageError::Setup(SetupError::ChecksumMismatch {
                 version,
             }));
         }

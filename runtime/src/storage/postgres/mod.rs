@@ -26,95 +26,15 @@ use super::{
     MessageId, MessageStorage, StoredMessage, StoredReply, UnixMillis, UnprocessedQuery,
     WriteBatch, WriteOutcome,
 };
-use crate::error::StorageError;
+use crate::error::{SetupError, StorageError};
 use sql::Statements;
 
 /// The table prefix used when none is chosen.
 pub const DEFAULT_PREFIX: &str = "flotilla_";
 
-/// The rule a table prefix must follow, as stated in errors.
-const PREFIX_RULE: &str = "^[a-z_][a-z0-9_]{0,40}$";
-
 /// How many connections [`PostgresStorage::connect`] opens at most: the
 /// group-commit writer, delivery scans and reply look-ups of one runner.
 const POOL_SIZE: u32 = 8;
-
-/// Why a PostgreSQL storage could not be set up.
-///
-/// Carried inside [`StorageError`] (a bad prefix as
-/// `StorageError::Database(sqlx::Error::Configuration(..))`, a migration
-/// problem as `StorageError::Migration(MigrateError::Source(..))`);
-/// [`PostgresSetupError::of`] finds it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum PostgresSetupError {
-    /// The table prefix does not follow the rule.
-    #[error(
-        "invalid table prefix {prefix:?}: it must match {PREFIX_RULE} (a lower-case letter or \
-         `_`, then at most 40 lower-case letters, digits or `_`), e.g. `flotilla_`"
-    )]
-    InvalidPrefix {
-        /// The prefix given.
-        prefix: String,
-    },
-    /// The database was migrated by a newer Flotilla: it holds a migration
-    /// this build does not know. Nothing was changed.
-    #[error(
-        "the database holds Flotilla migration {found}, but this build knows migrations up to \
-         {known} only: it was migrated by a newer Flotilla; upgrade this runner"
-    )]
-    NewerSchema {
-        /// The unknown version found in the database.
-        found: i64,
-        /// The newest version this build knows.
-        known: i64,
-    },
-    /// An applied migration differs from this build's copy of it.
-    #[error(
-        "Flotilla migration {version} applied to the database differs from this build's \
-         (checksum mismatch): the migration was edited after it was applied; restore it"
-    )]
-    ChecksumMismatch {
-        /// The migration that differs.
-        version: i64,
-    },
-}
-
-impl PostgresSetupError {
-    /// The setup error inside `error`, if that is what it is.
-    ///
-    /// ```
-    /// # async fn run() {
-    /// use flotilla::storage::{PostgresSetupError, PostgresStorage};
-    /// let error = PostgresStorage::connect("postgres://localhost/app", "Bad-Prefix")
-    ///     .await
-    ///     .unwrap_err();
-    /// assert!(matches!(
-    ///     PostgresSetupError::of(&error),
-    ///     Some(PostgresSetupError::InvalidPrefix { .. })
-    /// ));
-    /// # }
-    /// ```
-    pub fn of(error: &StorageError) -> Option<&Self> {
-        let inner: &(dyn std::error::Error + 'static) = match error {
-            StorageError::Database(sqlx::Error::Configuration(inner)) => inner.as_ref(),
-            StorageError::Migration(sqlx::migrate::MigrateError::Source(inner)) => inner.as_ref(),
-            StorageError::Shared(shared) => return Self::of(shared),
-            _ => return None,
-        };
-        inner.downcast_ref()
-    }
-}
-
-/// Wraps a setup error into the `StorageError` that carries it.
-fn setup_error(error: PostgresSetupError) -> StorageError {
-    match error {
-        PostgresSetupError::InvalidPrefix { .. } => {
-            StorageError::Database(sqlx::Error::Configuration(Box::new(error)))
-        }
-        _ => StorageError::Migration(sqlx::migrate::MigrateError::Source(Box::new(error))),
-    }
-}
 
 /// Checks a table prefix against `^[a-z_][a-z0-9_]{0,40}$`. The prefix is
 /// pasted into SQL as part of identifiers, so nothing else may pass.
@@ -128,7 +48,7 @@ fn validate_prefix(prefix: &str) -> Result<(), StorageError> {
     if valid {
         Ok(())
     } else {
-        Err(setup_error(PostgresSetupError::InvalidPrefix {
+        Err(StorageError::Setup(SetupError::InvalidPrefix {
             prefix: prefix.to_owned(),
         }))
     }
@@ -166,7 +86,7 @@ impl PostgresStorage {
     /// migrations to the tables prefixed `prefix` ([`DEFAULT_PREFIX`] unless
     /// you run several clusters in one database).
     ///
-    /// Fails with a [`PostgresSetupError`] (see [`PostgresSetupError::of`])
+    /// Fails with a [`SetupError`] (see [`StorageError::setup_error`])
     /// for a bad prefix or a database migrated by a newer or different build.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StorageError> {
         validate_prefix(prefix)?;
@@ -359,13 +279,16 @@ mod tests {
         ] {
             let error = validate_prefix(bad).unwrap_err();
             assert_eq!(
-                PostgresSetupError::of(&error),
-                Some(&PostgresSetupError::InvalidPrefix {
+                error.setup_error(),
+                Some(&SetupError::InvalidPrefix {
                     prefix: bad.to_owned()
                 }),
                 "{bad}"
             );
-            assert!(error.to_string().contains(PREFIX_RULE), "{error}");
+            assert!(
+                error.to_string().contains("^[a-z_][a-z0-9_]{0,40}$"),
+                "{error}"
+            );
         }
     }
 }
