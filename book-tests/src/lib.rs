@@ -65,3 +65,12 @@ mod reference_rpc_persisted {}
 
 #[doc = include_str!("../../book/src/reference/rpc/primary_key.md")]
 mod reference_rpc_primary_key {}
+
+#[doc = include_str!("../../book/src/cluster.md")]
+mod cluster {}
+
+#[doc = include_str!("../../book/src/postgres.md")]
+mod postgres {}
+
+#[doc = include_str!("../../book/src/transport.md")]
+mod transport {}
