@@ -10,6 +10,8 @@
 //! commits a batch in one transaction (group commit). One row per commit
 //! cannot reach the throughput targets.
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod columns;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;

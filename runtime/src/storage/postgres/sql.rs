@@ -8,14 +8,12 @@
 
 use std::sync::Arc;
 
-use serde::de::DeserializeOwned;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
-use crate::codec;
 use crate::error::StorageError;
 use crate::sharding::{EntityAddress, ShardId};
-use crate::storage::{Headers, MessageId, MessageKey, StoredMessage, StoredReply};
+use crate::storage::{MessageId, MessageKey, StoredMessage};
 
 /// The most rows one multi-row statement carries. Arrays have no parameter
 /// limit; the bound keeps one statement's memory and run time modest.
@@ -132,26 +130,7 @@ pub(super) const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT flotilla_c
 /// Ends the savepoint (its writes stay part of the batch transaction).
 pub(super) const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT flotilla_completion";
 
-/// Encodes headers for the `headers` column.
-pub(super) fn encode_headers(headers: &Headers) -> Result<Vec<u8>, StorageError> {
-    codec::encode("message headers", headers).map_err(|e| StorageError::Corrupt(e.to_string()))
-}
-
-/// Encodes a reply for the `reply` column.
-pub(super) fn encode_reply(reply: &StoredReply) -> Result<Vec<u8>, StorageError> {
-    codec::encode("stored reply", reply).map_err(|e| StorageError::Corrupt(e.to_string()))
-}
-
-/// Decodes a `reply` column.
-pub(super) fn decode_reply(bytes: Option<Vec<u8>>) -> Result<Option<StoredReply>, StorageError> {
-    bytes.map(|b| decode("stored reply", &b)).transpose()
-}
-
-/// Decodes exactly one value (strict: no trailing bytes, bounded nesting); a
-/// failure means the stored data is corrupt.
-fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StorageError> {
-    codec::decode("stored value", bytes).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
-}
+pub(super) use super::super::columns::{decode_reply, encode_headers, encode_reply};
 
 /// Maps a row of `select_unprocessed` back to a message.
 pub(super) fn stored_message(row: &PgRow) -> Result<StoredMessage, StorageError> {
@@ -166,7 +145,7 @@ pub(super) fn stored_message(row: &PgRow) -> Result<StoredMessage, StorageError>
         ))
     })?;
     let headers: Vec<u8> = row.try_get(8)?;
-    let headers: Headers = decode(&format!("headers of message {id}"), &headers)?;
+    let headers = super::super::columns::decode_headers(id, &headers)?;
     Ok(StoredMessage {
         id: MessageId(id),
         address: EntityAddress {
@@ -309,17 +288,5 @@ mod tests {
         ] {
             assert!(refuse_effect(sql).is_some(), "{sql}");
         }
-    }
-
-    #[test]
-    fn stored_values_decode_strictly() {
-        let reply = StoredReply::Panicked("boom".to_owned());
-        let mut bytes = encode_reply(&reply).unwrap();
-        assert_eq!(decode_reply(Some(bytes.clone())).unwrap(), Some(reply));
-        bytes.push(0xc0);
-        assert!(matches!(
-            decode_reply(Some(bytes)),
-            Err(StorageError::Corrupt(m)) if m.contains("trailing bytes")
-        ));
     }
 }

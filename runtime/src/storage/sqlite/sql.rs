@@ -8,14 +8,12 @@
 
 use std::sync::{Arc, OnceLock};
 
-use serde::de::DeserializeOwned;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
-use crate::codec;
 use crate::error::StorageError;
 use crate::sharding::{EntityAddress, ShardId};
-use crate::storage::{Headers, MessageId, MessageKey, StoredMessage, StoredReply};
+use crate::storage::{MessageId, MessageKey, StoredMessage};
 
 /// A writer transaction takes the write lock at once: no reader-to-writer
 /// upgrade can then fail with `SQLITE_BUSY` halfway through a batch.
@@ -164,26 +162,7 @@ pub(super) const PURGE_PROCESSED: &str = "DELETE FROM flotilla_messages WHERE id
      (SELECT id FROM flotilla_messages \
       WHERE processed_at IS NOT NULL AND processed_at < ? LIMIT ?)";
 
-/// Encodes headers for the `headers` column.
-pub(super) fn encode_headers(headers: &Headers) -> Result<Vec<u8>, StorageError> {
-    codec::encode("message headers", headers).map_err(|e| StorageError::Corrupt(e.to_string()))
-}
-
-/// Encodes a reply for the `reply` column.
-pub(super) fn encode_reply(reply: &StoredReply) -> Result<Vec<u8>, StorageError> {
-    codec::encode("stored reply", reply).map_err(|e| StorageError::Corrupt(e.to_string()))
-}
-
-/// Decodes a `reply` column.
-pub(super) fn decode_reply(bytes: Option<Vec<u8>>) -> Result<Option<StoredReply>, StorageError> {
-    bytes.map(|b| decode("stored reply", &b)).transpose()
-}
-
-/// Decodes exactly one value written by [`codec::encode`] (strict: no
-/// trailing bytes, bounded nesting); a failure means the stored data is corrupt.
-fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StorageError> {
-    codec::decode("stored value", bytes).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
-}
+pub(super) use super::super::columns::{decode_reply, encode_headers, encode_reply};
 
 /// Maps a row of [`SELECT_UNPROCESSED`] back to a message.
 pub(super) fn stored_message(row: &SqliteRow) -> Result<StoredMessage, StorageError> {
@@ -198,7 +177,7 @@ pub(super) fn stored_message(row: &SqliteRow) -> Result<StoredMessage, StorageEr
         ))
     })?;
     let headers: Vec<u8> = row.try_get(8)?;
-    let headers: Headers = decode(&format!("headers of message {id}"), &headers)?;
+    let headers = super::super::columns::decode_headers(id, &headers)?;
     Ok(StoredMessage {
         id: MessageId(id),
         address: EntityAddress {
@@ -349,23 +328,6 @@ mod tests {
         assert_eq!(insert_messages(4).matches('?').count(), 44);
         assert_eq!(complete_messages(64).matches('?').count(), 129);
         assert_eq!(upsert_states(1).matches('?').count(), 4);
-    }
-
-    #[test]
-    fn stored_values_decode_strictly() {
-        let reply = StoredReply::Panicked("boom".to_owned());
-        let mut bytes = encode_reply(&reply).unwrap();
-        assert_eq!(decode_reply(Some(bytes.clone())).unwrap(), Some(reply));
-        bytes.push(0xc0);
-        assert!(matches!(
-            decode_reply(Some(bytes)),
-            Err(StorageError::Corrupt(m)) if m.contains("1 trailing bytes")
-        ));
-        assert!(decode_reply(Some(vec![0xc1])).is_err());
-        assert_eq!(decode_reply(None).unwrap(), None);
-        let mut nested = vec![0x91_u8; 100];
-        nested.push(0x01);
-        assert!(decode::<serde::de::IgnoredAny>("deep", &nested).is_err());
     }
 
     #[test]
