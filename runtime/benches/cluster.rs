@@ -9,12 +9,14 @@
 //! calls/s with 64 callers; persisted on SQLite p50 <= 2 ms with one caller,
 //! >= 10,000 msgs/s with 64 callers; <= 1 KiB per idle entity.
 
+mod measure;
+
+use measure::{Run, report};
 use std::io::Write;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use flotilla::prelude::*;
-use hdrhistogram::Histogram;
 
 #[derive(Debug, Default)]
 struct Bench;
@@ -131,12 +133,6 @@ async fn run(scale: &Scale, full: bool, filter: &str) {
     }
 }
 
-struct Run {
-    latency: Histogram<u64>,
-    calls: u64,
-    elapsed: Duration,
-}
-
 /// `callers` tasks make `calls` calls in all, each to entity `n % 1000`.
 async fn drive(
     cluster: &Cluster,
@@ -152,8 +148,7 @@ async fn drive(
             let cluster = cluster.clone();
             let ids = ids.clone();
             tokio::spawn(async move {
-                let mut latency =
-                    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
+                let mut latency = measure::latencies();
                 for i in 0..per_caller {
                     let n = caller * per_caller + i;
                     let client = cluster.client::<Bench>(&ids[(n % ids.len() as u64) as usize]);
@@ -163,34 +158,14 @@ async fn drive(
                     } else {
                         client.ping(n).await
                     };
-                    let took = t.elapsed().as_nanos() as u64;
+                    measure::record(&mut latency, t);
                     assert_eq!(reply.expect("call"), n);
-                    latency.record(took.max(1)).expect("record");
                 }
                 latency
             })
         })
         .collect();
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
-    for task in tasks {
-        latency.add(task.await.expect("caller")).expect("merge");
-    }
-    Run {
-        latency,
-        calls: per_caller * callers,
-        elapsed: started.elapsed(),
-    }
-}
-
-fn report(name: &str, run: Run) {
-    let us = |q: f64| run.latency.value_at_quantile(q) as f64 / 1_000.0;
-    println!(
-        "{name}: p50 {:.1} us, p99 {:.1} us, {:.0} calls/s ({} calls)",
-        us(0.5),
-        us(0.99),
-        run.calls as f64 / run.elapsed.as_secs_f64(),
-        run.calls
-    );
+    Run::collect(tasks, per_caller * callers, started).await
 }
 
 /// RSS growth per active idle entity.

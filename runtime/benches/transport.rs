@@ -9,12 +9,14 @@
 //! Targets (2 cores, two processes on loopback, later): >= 100,000 calls/s,
 //! p50 <= 30 us. Here client and server share the same two cores.
 
+mod measure;
+
+use measure::{Run, report};
 use std::time::{Duration, Instant};
 
 use flotilla::transport::{
     ClusterSecret, Request, TcpTransport, TransportConfig, handler_fn, serve,
 };
-use hdrhistogram::Histogram;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -65,12 +67,6 @@ async fn run(full: bool, filter: &str) {
     server.stop(Duration::from_secs(5)).await;
 }
 
-struct Run {
-    latency: Histogram<u64>,
-    calls: u64,
-    elapsed: Duration,
-}
-
 /// `callers` tasks make `calls` calls in all over the one shared connection.
 async fn drive(
     transport: &TcpTransport,
@@ -85,8 +81,7 @@ async fn drive(
         .map(|caller| {
             let transport = transport.clone();
             tokio::spawn(async move {
-                let mut latency =
-                    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
+                let mut latency = measure::latencies();
                 for i in 0..per_caller {
                     let mut body = vec![0u8; size.max(8)];
                     body[..8].copy_from_slice(&(caller * per_caller + i).to_le_bytes());
@@ -94,32 +89,12 @@ async fn drive(
                     let reply = transport
                         .call(addr, Request::new(body.clone()), DEADLINE)
                         .await;
-                    let took = t.elapsed().as_nanos() as u64;
+                    measure::record(&mut latency, t);
                     assert_eq!(reply.expect("call"), body);
-                    latency.record(took.max(1)).expect("record");
                 }
                 latency
             })
         })
         .collect();
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
-    for task in tasks {
-        latency.add(task.await.expect("caller")).expect("merge");
-    }
-    Run {
-        latency,
-        calls: per_caller * callers,
-        elapsed: started.elapsed(),
-    }
-}
-
-fn report(name: &str, run: Run) {
-    let us = |q: f64| run.latency.value_at_quantile(q) as f64 / 1_000.0;
-    println!(
-        "{name}: p50 {:.1} us, p99 {:.1} us, {:.0} calls/s ({} calls)",
-        us(0.5),
-        us(0.99),
-        run.calls as f64 / run.elapsed.as_secs_f64(),
-        run.calls
-    );
+    Run::collect(tasks, per_caller * callers, started).await
 }

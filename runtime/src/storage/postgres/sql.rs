@@ -8,13 +8,6 @@
 
 use std::sync::Arc;
 
-use sqlx::Row;
-use sqlx::postgres::PgRow;
-
-use crate::error::StorageError;
-use crate::sharding::{EntityAddress, ShardId};
-use crate::storage::{MessageId, MessageKey, StoredMessage};
-
 /// The most rows one multi-row statement carries. Arrays have no parameter
 /// limit; the bound keeps one statement's memory and run time modest.
 pub(super) const MAX_ROWS: usize = 1024;
@@ -130,39 +123,10 @@ pub(super) const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT flotilla_c
 /// Ends the savepoint (its writes stay part of the batch transaction).
 pub(super) const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT flotilla_completion";
 
-pub(super) use super::super::columns::{decode_reply, encode_headers, encode_reply};
-
-/// Maps a row of `select_unprocessed` back to a message.
-pub(super) fn stored_message(row: &PgRow) -> Result<StoredMessage, StorageError> {
-    let id: i64 = row.try_get(0)?;
-    let entity_type: String = row.try_get(1)?;
-    let entity_id: String = row.try_get(2)?;
-    let shard_group: String = row.try_get(3)?;
-    let shard_index: i64 = row.try_get(4)?;
-    let shard_index = u32::try_from(shard_index).map_err(|_| {
-        StorageError::Corrupt(format!(
-            "message {id} has shard index {shard_index}, outside 0..2^32"
-        ))
-    })?;
-    let headers: Vec<u8> = row.try_get(8)?;
-    let headers = super::super::columns::decode_headers(id, &headers)?;
-    Ok(StoredMessage {
-        id: MessageId(id),
-        address: EntityAddress {
-            entity_type: Arc::from(entity_type),
-            entity_id: Arc::from(entity_id),
-            shard: ShardId::new(shard_group, shard_index),
-        },
-        tag: row.try_get(5)?,
-        key: row
-            .try_get::<Option<String>, _>(6)?
-            .map(MessageKey::from_stored),
-        payload: row.try_get(7)?,
-        headers,
-        deliver_at: row.try_get(9)?,
-        created_at: row.try_get(10)?,
-    })
-}
+use super::super::columns::refuse_keyword;
+pub(super) use super::super::columns::{
+    decode_reply, encode_headers, encode_reply, stored_message,
+};
 
 /// Why a staged effect is refused before it runs, if it is.
 ///
@@ -176,34 +140,10 @@ pub(super) fn stored_message(row: &PgRow) -> Result<StoredMessage, StorageError>
 /// hold more than one command (a fault of the effect, so only its own
 /// completion fails).
 pub(super) fn refuse_effect(sql: &str) -> Option<String> {
-    const ALLOWED: [&str; 6] = ["INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "SELECT"];
-    let first = first_keyword(sql);
-    if ALLOWED.iter().any(|k| first.eq_ignore_ascii_case(k)) {
-        return None;
-    }
-    Some(format!(
-        "a staged effect must be one INSERT, UPDATE, DELETE, MERGE, WITH or SELECT \
-         statement; `{first}` is not allowed inside the completion transaction"
-    ))
-}
-
-/// The first word of `sql`, after whitespace and comments.
-fn first_keyword(sql: &str) -> &str {
-    let mut rest = sql;
-    loop {
-        rest = rest.trim_start();
-        if let Some(after) = rest.strip_prefix("--") {
-            rest = after.split_once('\n').map_or("", |(_, r)| r);
-        } else if let Some(after) = rest.strip_prefix("/*") {
-            rest = after.split_once("*/").map_or("", |(_, r)| r);
-        } else {
-            break;
-        }
-    }
-    let end = rest
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .unwrap_or(rest.len());
-    &rest[..end]
+    refuse_keyword(
+        sql,
+        &["INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "SELECT"],
+    )
 }
 
 /// True for errors that say the database, the connection or the transaction

@@ -6,14 +6,7 @@
 //! reuses it from its statement cache. Single-row statements are `const`s;
 //! multi-row ones are built once per shape (row count) from `const` parts.
 
-use std::sync::{Arc, OnceLock};
-
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
-
-use crate::error::StorageError;
-use crate::sharding::{EntityAddress, ShardId};
-use crate::storage::{MessageId, MessageKey, StoredMessage};
+use std::sync::OnceLock;
 
 /// A writer transaction takes the write lock at once: no reader-to-writer
 /// upgrade can then fail with `SQLITE_BUSY` halfway through a batch.
@@ -162,39 +155,10 @@ pub(super) const PURGE_PROCESSED: &str = "DELETE FROM flotilla_messages WHERE id
      (SELECT id FROM flotilla_messages \
       WHERE processed_at IS NOT NULL AND processed_at < ? LIMIT ?)";
 
-pub(super) use super::super::columns::{decode_reply, encode_headers, encode_reply};
-
-/// Maps a row of [`SELECT_UNPROCESSED`] back to a message.
-pub(super) fn stored_message(row: &SqliteRow) -> Result<StoredMessage, StorageError> {
-    let id: i64 = row.try_get(0)?;
-    let entity_type: String = row.try_get(1)?;
-    let entity_id: String = row.try_get(2)?;
-    let shard_group: String = row.try_get(3)?;
-    let shard_index: i64 = row.try_get(4)?;
-    let shard_index = u32::try_from(shard_index).map_err(|_| {
-        StorageError::Corrupt(format!(
-            "message {id} has shard index {shard_index}, outside 0..2^32"
-        ))
-    })?;
-    let headers: Vec<u8> = row.try_get(8)?;
-    let headers = super::super::columns::decode_headers(id, &headers)?;
-    Ok(StoredMessage {
-        id: MessageId(id),
-        address: EntityAddress {
-            entity_type: Arc::from(entity_type),
-            entity_id: Arc::from(entity_id),
-            shard: ShardId::new(shard_group, shard_index),
-        },
-        tag: row.try_get(5)?,
-        key: row
-            .try_get::<Option<String>, _>(6)?
-            .map(MessageKey::from_stored),
-        payload: row.try_get(7)?,
-        headers,
-        deliver_at: row.try_get(9)?,
-        created_at: row.try_get(10)?,
-    })
-}
+use super::super::columns::refuse_keyword;
+pub(super) use super::super::columns::{
+    decode_reply, encode_headers, encode_reply, stored_message,
+};
 
 /// Why a staged effect is refused before it runs, if it is.
 ///
@@ -203,13 +167,11 @@ pub(super) fn stored_message(row: &SqliteRow) -> Result<StoredMessage, StorageEr
 /// or after a `;`) could end or escape the transaction that makes the
 /// completion atomic.
 pub(super) fn refuse_effect(sql: &str) -> Option<String> {
-    const ALLOWED: [&str; 6] = ["INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "SELECT"];
-    let first = first_keyword(sql);
-    if !ALLOWED.iter().any(|k| first.eq_ignore_ascii_case(k)) {
-        return Some(format!(
-            "a staged effect must be one INSERT, UPDATE, DELETE, REPLACE, WITH or SELECT \
-             statement; `{first}` is not allowed inside the completion transaction"
-        ));
+    if let Some(refusal) = refuse_keyword(
+        sql,
+        &["INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "SELECT"],
+    ) {
+        return Some(refusal);
     }
     if has_second_statement(sql) {
         return Some(
@@ -218,25 +180,6 @@ pub(super) fn refuse_effect(sql: &str) -> Option<String> {
         );
     }
     None
-}
-
-/// The first word of `sql`, after whitespace and comments.
-fn first_keyword(sql: &str) -> &str {
-    let mut rest = sql;
-    loop {
-        rest = rest.trim_start();
-        if let Some(after) = rest.strip_prefix("--") {
-            rest = after.split_once('\n').map_or("", |(_, r)| r);
-        } else if let Some(after) = rest.strip_prefix("/*") {
-            rest = after.split_once("*/").map_or("", |(_, r)| r);
-        } else {
-            break;
-        }
-    }
-    let end = rest
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .unwrap_or(rest.len());
-    &rest[..end]
 }
 
 /// True when something other than whitespace or comments follows a `;` that
