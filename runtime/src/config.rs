@@ -1,10 +1,15 @@
 //! Cluster configuration: a builder with defaults that work, or `FLOTILLA_*`
 //! environment variables.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::transport::ClusterSecret;
+
+/// The table prefix on PostgreSQL when none is chosen.
+pub const DEFAULT_TABLE_PREFIX: &str = "flotilla_";
 
 /// Where messages and state are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +22,14 @@ pub enum StorageConfig {
     },
     /// In memory: nothing survives the process. For tests and throwaway services.
     Memory,
+    /// PostgreSQL (the `postgres` feature): many runner processes share the
+    /// database and form one cluster.
+    Postgres {
+        /// Connection URL (`postgres://user@host:5432/db`).
+        url: String,
+        /// Table prefix (default `flotilla_`), `^[a-z_][a-z0-9_]{0,40}$`.
+        prefix: String,
+    },
 }
 
 impl Default for StorageConfig {
@@ -62,6 +75,38 @@ pub struct ClusterConfig {
     pub machine_id: u16,
     /// Most writes committed in one transaction (group commit). Default 512.
     pub max_batch: usize,
+    /// This runner's id, unique in the cluster. Default: `<hostname>-<pid>`.
+    /// Env: `FLOTILLA_RUNNER_ID`.
+    pub runner_id: Option<String>,
+    /// Address the runner transport listens on (PostgreSQL clusters).
+    /// Default `127.0.0.1:0` (any free port). Env: `FLOTILLA_LISTEN`.
+    pub listen: SocketAddr,
+    /// Address other runners reach this one at. Default: the bound listen
+    /// address (set it when listening on `0.0.0.0`). Env: `FLOTILLA_ADVERTISE`.
+    pub advertise: Option<SocketAddr>,
+    /// The secret every runner of the cluster shares; it authenticates the
+    /// runner transport. Required on PostgreSQL. Env: `FLOTILLA_SECRET`
+    /// (at least 16 bytes).
+    pub secret: Option<ClusterSecret>,
+    /// This runner's share of shards relative to the others. Default 1.
+    /// Env: `FLOTILLA_RUNNER_WEIGHT`.
+    pub weight: u32,
+    /// Send calls but own no shards and run no entities. Default false.
+    /// Env: `FLOTILLA_CLIENT_ONLY` (`true`/`false`).
+    pub client_only: bool,
+    /// A runner that cannot confirm its shard locks for this long stops
+    /// every handler of its shards. Default 2 s; must be below
+    /// `lock_timeout`. Env: `FLOTILLA_FENCE_AFTER`.
+    pub fence_after: Duration,
+    /// PostgreSQL drops a runner's lock connection silent for this long
+    /// (`idle_session_timeout`), which frees its shards for others: the
+    /// bound on failover of a frozen or partitioned runner. Default 5 s.
+    /// Env: `FLOTILLA_LOCK_TIMEOUT`.
+    pub lock_timeout: Duration,
+    /// How often a runner reads the live runner set (a join or graceful
+    /// leave is also announced at once). Default 200 ms.
+    /// Env: `FLOTILLA_MEMBERSHIP_POLL`.
+    pub membership_poll: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -76,6 +121,15 @@ impl Default for ClusterConfig {
             shutdown_timeout: Duration::from_secs(30),
             machine_id: 0,
             max_batch: 512,
+            runner_id: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            secret: None,
+            weight: 1,
+            client_only: false,
+            fence_after: Duration::from_secs(2),
+            lock_timeout: Duration::from_secs(5),
+            membership_poll: Duration::from_millis(200),
         }
     }
 }
@@ -114,6 +168,53 @@ impl ClusterConfig {
         }
         if let Some(v) = lookup("FLOTILLA_MACHINE_ID") {
             config.machine_id = parse_num("FLOTILLA_MACHINE_ID", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_TABLE_PREFIX") {
+            match &mut config.storage {
+                StorageConfig::Postgres { prefix, .. } => *prefix = v,
+                _ => {
+                    return Err(invalid(
+                        "FLOTILLA_TABLE_PREFIX",
+                        &v,
+                        "applies to PostgreSQL storage only".to_owned(),
+                    ));
+                }
+            }
+        }
+        if let Some(v) = lookup("FLOTILLA_RUNNER_ID") {
+            config.runner_id = Some(v);
+        }
+        if let Some(v) = lookup("FLOTILLA_LISTEN") {
+            config.listen = parse_num("FLOTILLA_LISTEN", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_ADVERTISE") {
+            config.advertise = Some(parse_num("FLOTILLA_ADVERTISE", &v)?);
+        }
+        if let Some(v) = lookup("FLOTILLA_SECRET") {
+            // The value is a secret: never echoed in the error.
+            config.secret =
+                Some(
+                    ClusterSecret::new(v.trim()).map_err(|e| ConfigError::InvalidEnv {
+                        var: "FLOTILLA_SECRET",
+                        value: "<redacted>".to_owned(),
+                        reason: e.to_string(),
+                    })?,
+                );
+        }
+        if let Some(v) = lookup("FLOTILLA_RUNNER_WEIGHT") {
+            config.weight = parse_num("FLOTILLA_RUNNER_WEIGHT", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_CLIENT_ONLY") {
+            config.client_only = parse_num("FLOTILLA_CLIENT_ONLY", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_FENCE_AFTER") {
+            config.fence_after = parse_duration("FLOTILLA_FENCE_AFTER", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_LOCK_TIMEOUT") {
+            config.lock_timeout = parse_duration("FLOTILLA_LOCK_TIMEOUT", &v)?;
+        }
+        if let Some(v) = lookup("FLOTILLA_MEMBERSHIP_POLL") {
+            config.membership_poll = parse_duration("FLOTILLA_MEMBERSHIP_POLL", &v)?;
         }
         config.validate()?;
         Ok(config)
@@ -165,6 +266,42 @@ impl ClusterConfig {
                 "the SQLite path is empty",
             )?;
         }
+        check(self.weight >= 1, "weight", "must be at least 1")?;
+        check(
+            !self.membership_poll.is_zero(),
+            "membership_poll",
+            "must be more than zero",
+        )?;
+        check(
+            self.fence_after >= Duration::from_millis(100),
+            "fence_after",
+            "must be at least 100ms",
+        )?;
+        check(
+            self.fence_after < self.lock_timeout,
+            "fence_after",
+            "must be below lock_timeout, so that a runner stops its handlers \
+             before the database frees its shards for others",
+        )?;
+        check(
+            self.lock_timeout >= Duration::from_secs(1),
+            "lock_timeout",
+            "must be at least 1s (PostgreSQL's idle_session_timeout has millisecond \
+             resolution, but a shorter bound cuts healthy runners off on a busy machine)",
+        )?;
+        if let StorageConfig::Postgres { url, .. } = &self.storage {
+            check(
+                url.starts_with("postgres://") || url.starts_with("postgresql://"),
+                "storage",
+                "a PostgreSQL URL starts with postgres:// or postgresql://",
+            )?;
+            check(
+                self.secret.is_some() || self.client_only,
+                "secret",
+                "a runner on PostgreSQL needs the cluster secret (FLOTILLA_SECRET), \
+                 which authenticates the runner transport",
+            )?;
+        }
         Ok(())
     }
 }
@@ -181,11 +318,17 @@ fn parse_storage(v: &str) -> Result<StorageConfig, String> {
     if v == "memory" {
         return Ok(StorageConfig::Memory);
     }
+    if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+        return Ok(StorageConfig::Postgres {
+            url: v.to_owned(),
+            prefix: DEFAULT_TABLE_PREFIX.to_owned(),
+        });
+    }
     match v.strip_prefix("sqlite:") {
         Some(path) if !path.is_empty() => Ok(StorageConfig::Sqlite {
             path: PathBuf::from(path.trim_start_matches("//")),
         }),
-        _ => Err("expected `memory` or `sqlite:<path>`".to_owned()),
+        _ => Err("expected `memory`, `sqlite:<path>` or `postgres://...`".to_owned()),
     }
 }
 

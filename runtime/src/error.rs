@@ -139,6 +139,10 @@ pub enum StorageError {
     /// the database file open as a runner).
     #[error("storage is in use by another runner: {0}")]
     InUse(String),
+    /// A live runner already holds this runner id (its liveness lock is
+    /// taken). Give every runner its own id.
+    #[error("runner id {0:?} is held by a live runner")]
+    RunnerIdInUse(String),
     /// The storage was closed.
     #[error("storage is closed")]
     Closed,

@@ -62,7 +62,7 @@ pub mod transport;
 
 pub use client::EntityRef;
 pub use cluster::{Cluster, ClusterBuilder};
-pub use config::{ClusterConfig, StorageConfig};
+pub use config::{ClusterConfig, DEFAULT_TABLE_PREFIX, StorageConfig};
 pub use entity::{Entity, EntityContext, EntityOptions, RequestInfo, StageError};
 pub use error::{
     ClusterError, ConfigError, DecodeError, EncodeError, SetupError, StartError, StorageError,

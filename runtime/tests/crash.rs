@@ -131,6 +131,7 @@ async fn sigkill_with_persisted_messages_in_flight_loses_nothing_and_duplicates_
                 ready_at: i64::MAX,
                 after: None,
                 limit: 1,
+                shards: Default::default(),
             })
             .await
             .unwrap();

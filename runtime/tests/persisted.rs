@@ -326,6 +326,7 @@ async fn a_payload_over_the_limit_is_rejected_before_it_is_stored() {
                 ready_at: i64::MAX,
                 after: None,
                 limit: 10,
+                shards: Default::default(),
             })
             .await
             .unwrap();
@@ -407,7 +408,13 @@ async fn unprocessed_messages_are_resumed_on_start() {
             .client::<Ledger>(id)
             .deliver_at(SystemTime::now() + Duration::from_secs(1));
         let call = tokio::spawn(async move { ledger.apply(1, 25).await });
-        while cluster.storage().next_delivery(0).await.unwrap().is_none() {
+        while cluster
+            .storage()
+            .next_delivery(0, &Default::default())
+            .await
+            .unwrap()
+            .is_none()
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         call.abort();
@@ -465,8 +472,12 @@ impl MessageStorage for SlowCountingStorage {
     ) -> Result<Vec<flotilla::storage::StoredMessage>, flotilla::StorageError> {
         self.inner.unprocessed(query).await
     }
-    async fn next_delivery(&self, after: i64) -> Result<Option<i64>, flotilla::StorageError> {
-        self.inner.next_delivery(after).await
+    async fn next_delivery(
+        &self,
+        after: i64,
+        shards: &flotilla::storage::ShardFilter,
+    ) -> Result<Option<i64>, flotilla::StorageError> {
+        self.inner.next_delivery(after, shards).await
     }
     async fn reply(
         &self,

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::cluster::ClusterCore;
 use crate::snowflake::now_unix_ms;
-use crate::storage::{MessageId, StoredReply, UnprocessedQuery};
+use crate::storage::{MessageId, ShardFilter, StoredReply, UnprocessedQuery};
 
 /// Messages handed to an entity and not yet completed. A message is
 /// dispatched only if it can be claimed here, so the delivery scan never
@@ -134,7 +134,7 @@ pub(crate) async fn run(core: Arc<ClusterCore>) {
         } else {
             core.config.safety_poll
         };
-        match core.storage.next_delivery(now).await {
+        match core.storage.next_delivery(now, &ShardFilter::All).await {
             Ok(Some(at)) => {
                 wait = wait.min(Duration::from_millis((at - now).max(0) as u64));
             }
@@ -172,6 +172,7 @@ async fn scan_pages(core: &Arc<ClusterCore>) -> bool {
             ready_at: now_unix_ms() as i64,
             after,
             limit: SCAN_PAGE,
+            shards: ShardFilter::All,
         };
         let page = match core.storage.unprocessed(query).await {
             Ok(page) => page,

@@ -253,6 +253,82 @@ impl ClusterBuilder {
         self
     }
 
+    /// Stores messages in PostgreSQL at `url` (the `postgres` feature): every
+    /// process started this way on one database (and table prefix) forms one
+    /// cluster. Needs [`secret`](Self::secret) unless [`client_only`](Self::client_only).
+    pub fn postgres(mut self, url: impl Into<String>) -> Self {
+        self.config.storage = StorageConfig::Postgres {
+            url: url.into(),
+            prefix: crate::config::DEFAULT_TABLE_PREFIX.to_owned(),
+        };
+        self
+    }
+
+    /// The table prefix on PostgreSQL (default `flotilla_`): clusters with
+    /// different prefixes share a database without meeting.
+    pub fn table_prefix(mut self, table_prefix: impl Into<String>) -> Self {
+        if let StorageConfig::Postgres { prefix, .. } = &mut self.config.storage {
+            *prefix = table_prefix.into();
+        }
+        self
+    }
+
+    /// The address the runner transport listens on (default `127.0.0.1:0`).
+    pub fn listen(mut self, addr: std::net::SocketAddr) -> Self {
+        self.config.listen = addr;
+        self
+    }
+
+    /// The address other runners reach this one at (default: the bound
+    /// listen address).
+    pub fn advertise(mut self, addr: std::net::SocketAddr) -> Self {
+        self.config.advertise = Some(addr);
+        self
+    }
+
+    /// The cluster secret that authenticates the runner transport.
+    pub fn secret(mut self, secret: crate::transport::ClusterSecret) -> Self {
+        self.config.secret = Some(secret);
+        self
+    }
+
+    /// This runner's id (default `<hostname>-<pid>`).
+    pub fn runner_id(mut self, id: impl Into<String>) -> Self {
+        self.config.runner_id = Some(id.into());
+        self
+    }
+
+    /// This runner's share of shards relative to the others (default 1).
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.config.weight = weight;
+        self
+    }
+
+    /// Sends calls but owns no shards and runs no entities.
+    pub fn client_only(mut self) -> Self {
+        self.config.client_only = true;
+        self
+    }
+
+    /// Stop handlers of shards whose locks could not be confirmed for this
+    /// long (default 2 s; below `lock_timeout`).
+    pub fn fence_after(mut self, after: Duration) -> Self {
+        self.config.fence_after = after;
+        self
+    }
+
+    /// How long PostgreSQL keeps a silent runner's locks (default 5 s).
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.config.lock_timeout = timeout;
+        self
+    }
+
+    /// How often the live runner set is read (default 200 ms).
+    pub fn membership_poll(mut self, every: Duration) -> Self {
+        self.config.membership_poll = every;
+        self
+    }
+
     /// Uses a storage backend you opened yourself.
     pub fn storage(mut self, storage: Arc<dyn MessageStorage>) -> Self {
         self.storage = Some(storage);
@@ -313,6 +389,18 @@ impl ClusterBuilder {
             #[cfg(feature = "sqlite")]
             (None, StorageConfig::Sqlite { path }) => {
                 Arc::new(crate::storage::SqliteStorage::open(path).await?)
+            }
+            #[cfg(feature = "postgres")]
+            (None, StorageConfig::Postgres { url, prefix }) => {
+                Arc::new(crate::storage::PostgresStorage::connect(url, prefix).await?)
+            }
+            #[cfg(not(feature = "postgres"))]
+            (None, StorageConfig::Postgres { .. }) => {
+                return Err(crate::error::ConfigError::Invalid {
+                    setting: "storage",
+                    reason: "PostgreSQL storage needs the `postgres` feature".to_owned(),
+                }
+                .into());
             }
             #[cfg(not(feature = "sqlite"))]
             (None, StorageConfig::Sqlite { .. }) => {

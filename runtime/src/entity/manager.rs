@@ -426,6 +426,7 @@ impl<E: Entity> EntityManager<E> {
                     reply: reply.clone(),
                     state,
                     effects,
+                    fence: None,
                 };
                 match self.svc.writer.complete(completion).await {
                     Ok(CompletionOutcome::Recorded) => self.svc.waiters.complete(id, &reply),
@@ -440,6 +441,11 @@ impl<E: Entity> EntityManager<E> {
                         if let Some(earlier) = earlier {
                             self.svc.waiters.complete(id, &earlier);
                         }
+                    }
+                    Ok(CompletionOutcome::Fenced { stale, current }) => {
+                        // This runner lost the shard: the new owner runs it.
+                        healthy = false;
+                        tracing::warn!(parent: &span, %address, %stale, ?current, "completion fenced: the shard has a newer owner");
                     }
                     Err(error) => {
                         // Nothing was recorded: the message stays stored and the
@@ -529,6 +535,7 @@ impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
                         reply: reply.clone(),
                         state: None,
                         effects: Vec::new(),
+                        fence: None,
                     };
                     if let Ok(CompletionOutcome::Recorded) = svc.writer.complete(completion).await {
                         svc.waiters.complete(id, &reply);

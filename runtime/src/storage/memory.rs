@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{
-    Completion, CompletionOutcome, MessageId, MessageKey, MessageStorage, SaveOutcome, Statement,
-    StoredMessage, StoredReply, UnixMillis, UnprocessedQuery, WriteBatch, WriteOutcome,
+    Completion, CompletionOutcome, MessageId, MessageKey, MessageStorage, SaveOutcome, ShardFilter,
+    Statement, StoredMessage, StoredReply, UnixMillis, UnprocessedQuery, WriteBatch, WriteOutcome,
 };
 use crate::error::StorageError;
 use crate::snowflake::now_unix_ms;
@@ -97,6 +97,8 @@ impl MessageStorage for MemoryStorage {
             reply,
             state: entity_state,
             effects,
+            // One process owns every shard of a memory store.
+            fence: _,
         } in batch.completions
         {
             let Some(row) = state.messages.get_mut(&message_id) else {
@@ -138,18 +140,25 @@ impl MessageStorage for MemoryStorage {
             .filter(|(_, row)| row.processed_at.is_none())
             .filter_map(|(_, row)| row.message.as_ref())
             .filter(|m| m.deliver_at.is_none_or(|at| at <= query.ready_at))
+            .filter(|m| query.shards.contains(&m.address.shard))
             .take(query.limit)
             .cloned()
             .collect())
     }
 
-    async fn next_delivery(&self, after: UnixMillis) -> Result<Option<UnixMillis>, StorageError> {
+    async fn next_delivery(
+        &self,
+        after: UnixMillis,
+        shards: &ShardFilter,
+    ) -> Result<Option<UnixMillis>, StorageError> {
         let state = self.open()?;
         Ok(state
             .messages
             .values()
             .filter(|row| row.processed_at.is_none())
-            .filter_map(|row| row.message.as_ref()?.deliver_at)
+            .filter_map(|row| row.message.as_ref())
+            .filter(|m| shards.contains(&m.address.shard))
+            .filter_map(|m| m.deliver_at)
             .filter(|at| *at > after)
             .min())
     }

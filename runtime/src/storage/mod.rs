@@ -15,6 +15,7 @@ mod columns;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod runners;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -26,11 +27,12 @@ use async_trait::async_trait;
 pub use memory::MemoryStorage;
 #[cfg(feature = "postgres")]
 pub use postgres::{DEFAULT_PREFIX, PostgresStorage};
+pub use runners::{Epoch, Fence, RunnerInfo, RunnerStorage, Signal};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStorage;
 
 use crate::error::StorageError;
-use crate::sharding::EntityAddress;
+use crate::sharding::{EntityAddress, ShardId};
 use crate::snowflake::Snowflake;
 
 /// Milliseconds since the Unix epoch.
@@ -265,6 +267,11 @@ pub struct Completion {
     pub state: Option<EntityState>,
     /// Statements staged by the handler.
     pub effects: Vec<Statement>,
+    /// The shard ownership this completion was made under. When set, the
+    /// completion commits only if the shard's epoch in storage still equals
+    /// it (else [`CompletionOutcome::Fenced`]); a backend with a single
+    /// runner (memory, SQLite) owns every shard and ignores it.
+    pub fence: Option<Fence>,
 }
 
 /// Writes to commit in one transaction.
@@ -309,6 +316,15 @@ pub enum CompletionOutcome {
     /// The message was already processed (or is unknown); nothing was written.
     /// Carries the reply recorded earlier, if any.
     AlreadyProcessed(Option<StoredReply>),
+    /// The completion's [`Fence`] is stale: the shard was acquired again
+    /// (by another runner, or by this one after losing its lock) since the
+    /// handler ran. Nothing was written; the new owner runs the message.
+    Fenced {
+        /// The epoch the completion carried.
+        stale: Epoch,
+        /// The shard's epoch in storage (`None` if it was never acquired).
+        current: Option<Epoch>,
+    },
 }
 
 /// The result of committing a [`WriteBatch`], item for item in batch order.
@@ -320,6 +336,26 @@ pub struct WriteOutcome {
     pub completions: Vec<CompletionOutcome>,
 }
 
+/// Which shards a read covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ShardFilter {
+    /// Every shard (a single runner owns them all).
+    #[default]
+    All,
+    /// Only these shards (the ones a runner of a cluster owns). Empty: none.
+    Only(Vec<ShardId>),
+}
+
+impl ShardFilter {
+    /// Whether `shard` passes the filter.
+    pub fn contains(&self, shard: &ShardId) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(shards) => shards.contains(shard),
+        }
+    }
+}
+
 /// Which unprocessed messages to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnprocessedQuery {
@@ -329,6 +365,8 @@ pub struct UnprocessedQuery {
     pub after: Option<MessageId>,
     /// At most this many, in id order.
     pub limit: usize,
+    /// Only messages of these shards.
+    pub shards: ShardFilter,
 }
 
 /// Durable storage of persisted messages, their replies and entity state.
@@ -350,8 +388,13 @@ pub trait MessageStorage: Send + Sync + fmt::Debug + 'static {
         query: UnprocessedQuery,
     ) -> Result<Vec<StoredMessage>, StorageError>;
 
-    /// The earliest `deliver_at` of an unprocessed message that is later than `after`.
-    async fn next_delivery(&self, after: UnixMillis) -> Result<Option<UnixMillis>, StorageError>;
+    /// The earliest `deliver_at` later than `after` of an unprocessed
+    /// message of the `shards`.
+    async fn next_delivery(
+        &self,
+        after: UnixMillis,
+        shards: &ShardFilter,
+    ) -> Result<Option<UnixMillis>, StorageError>;
 
     /// The reply of a processed message; `None` while unprocessed or unknown.
     async fn reply(&self, id: MessageId) -> Result<Option<StoredReply>, StorageError>;

@@ -95,6 +95,15 @@ impl ClusterSecret {
     }
 }
 
+impl PartialEq for ClusterSecret {
+    fn eq(&self, other: &Self) -> bool {
+        // Not constant time: used to compare configurations, never a peer's proof.
+        self.0 == other.0
+    }
+}
+
+impl Eq for ClusterSecret {}
+
 impl fmt::Debug for ClusterSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ClusterSecret(..)")

@@ -239,6 +239,7 @@ pub(crate) fn completion(id: i64, reply: &[u8]) -> Completion {
         reply: StoredReply::Ok(reply.to_vec()),
         state: None,
         effects: Vec::new(),
+        fence: None,
     }
 }
 
@@ -282,6 +283,7 @@ pub(crate) fn all_ready_at(ready_at: UnixMillis) -> UnprocessedQuery {
         ready_at,
         after: None,
         limit: usize::MAX,
+        shards: Default::default(),
     }
 }
 

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use flotilla::StorageError;
 use flotilla::storage::{
-    Completion, CompletionOutcome, MessageId, MessageStorage, SaveOutcome, StoredMessage,
-    StoredReply, UnprocessedQuery, WriteBatch, WriteOutcome,
+    Completion, CompletionOutcome, MessageId, MessageStorage, SaveOutcome, ShardFilter,
+    StoredMessage, StoredReply, UnprocessedQuery, WriteBatch, WriteOutcome,
 };
 
 use super::fixtures::*;
@@ -74,6 +74,7 @@ pub(crate) async fn unprocessed_is_in_id_order_and_pages_with_after_and_limit(
                     ready_at: 0,
                     after: after.map(MessageId),
                     limit,
+                    shards: ShardFilter::All,
                 })
                 .await
                 .unwrap()
@@ -104,22 +105,49 @@ pub(crate) async fn a_future_delivery_becomes_ready_at_its_instant(
     assert_eq!(unprocessed_ids(&*storage, at).await, vec![1, 2]);
     assert_eq!(unprocessed_ids(&*storage, at + 60_000).await, vec![1, 2, 3]);
 
-    assert_eq!(storage.next_delivery(0).await.unwrap(), Some(at));
-    assert_eq!(storage.next_delivery(at - 1).await.unwrap(), Some(at));
-    assert_eq!(storage.next_delivery(at).await.unwrap(), Some(at + 60_000));
-    assert_eq!(storage.next_delivery(at + 60_000).await.unwrap(), None);
+    assert_eq!(
+        storage.next_delivery(0, &ShardFilter::All).await.unwrap(),
+        Some(at)
+    );
+    assert_eq!(
+        storage
+            .next_delivery(at - 1, &ShardFilter::All)
+            .await
+            .unwrap(),
+        Some(at)
+    );
+    assert_eq!(
+        storage.next_delivery(at, &ShardFilter::All).await.unwrap(),
+        Some(at + 60_000)
+    );
+    assert_eq!(
+        storage
+            .next_delivery(at + 60_000, &ShardFilter::All)
+            .await
+            .unwrap(),
+        None
+    );
 
     // A processed message is no longer scheduled.
     complete(&*storage, vec![completion(2, b"done")]).await;
-    assert_eq!(storage.next_delivery(0).await.unwrap(), Some(at + 60_000));
+    assert_eq!(
+        storage.next_delivery(0, &ShardFilter::All).await.unwrap(),
+        Some(at + 60_000)
+    );
 }
 
 pub(crate) async fn next_delivery_is_none_without_scheduled_messages(
     storage: Arc<dyn MessageStorage>,
 ) {
-    assert_eq!(storage.next_delivery(0).await.unwrap(), None);
+    assert_eq!(
+        storage.next_delivery(0, &ShardFilter::All).await.unwrap(),
+        None
+    );
     save(&*storage, vec![message(1, "a")]).await;
-    assert_eq!(storage.next_delivery(0).await.unwrap(), None);
+    assert_eq!(
+        storage.next_delivery(0, &ShardFilter::All).await.unwrap(),
+        None
+    );
 }
 
 pub(crate) async fn a_duplicate_key_returns_the_stored_message_then_its_reply(
@@ -253,6 +281,7 @@ pub(crate) async fn every_reply_kind_round_trips(storage: Arc<dyn MessageStorage
             reply: reply.clone(),
             state: None,
             effects: Vec::new(),
+            fence: None,
         })
         .collect();
     complete(&*storage, completions).await;
@@ -496,7 +525,7 @@ pub(crate) async fn a_closed_storage_refuses_every_call(storage: Arc<dyn Message
             .await,
     );
     closed(storage.unprocessed(all_ready_at(0)).await);
-    closed(storage.next_delivery(0).await);
+    closed(storage.next_delivery(0, &ShardFilter::All).await);
     closed(storage.reply(MessageId(1)).await);
     closed(storage.load_state(ACCOUNT, "a").await);
     closed(storage.purge_processed(now_ms()).await);

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use flotilla::StorageError;
 use flotilla::storage::{
-    Completion, MessageId, MessageStorage, SaveOutcome, SqliteStorage, StoredReply, WriteBatch,
+    Completion, MessageId, MessageStorage, SaveOutcome, ShardFilter, SqliteStorage, StoredReply,
+    WriteBatch,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{Connection, SqlSafeStr};
@@ -54,7 +55,7 @@ async fn reopening_the_file_keeps_messages_replies_and_state() {
         vec![2, 3]
     );
     assert_eq!(
-        storage.next_delivery(0).await.unwrap(),
+        storage.next_delivery(0, &ShardFilter::All).await.unwrap(),
         Some(1_800_000_000_000)
     );
     assert_eq!(

@@ -23,8 +23,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{
-    MessageId, MessageStorage, StoredMessage, StoredReply, UnixMillis, UnprocessedQuery,
-    WriteBatch, WriteOutcome,
+    MessageId, MessageStorage, ShardFilter, StoredMessage, StoredReply, UnixMillis,
+    UnprocessedQuery, WriteBatch, WriteOutcome,
 };
 use crate::error::{SetupError, StorageError};
 use sql::Statements;
@@ -177,23 +177,55 @@ impl MessageStorage for PostgresStorage {
         self.ensure_open()?;
         let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
         let after = query.after.map_or(i64::MIN, |id| id.0);
-        let rows = sqlx::query(AssertSqlSafe(&*self.statements.select_unprocessed))
-            .bind(query.ready_at)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.call_error(e))?;
+        let rows = match &query.shards {
+            ShardFilter::All => {
+                sqlx::query(AssertSqlSafe(&*self.statements.select_unprocessed))
+                    .bind(query.ready_at)
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+            }
+            ShardFilter::Only(shards) => {
+                let (groups, indexes) = shard_columns(shards);
+                sqlx::query(AssertSqlSafe(&*self.statements.select_unprocessed_in))
+                    .bind(query.ready_at)
+                    .bind(after)
+                    .bind(limit)
+                    .bind(groups)
+                    .bind(indexes)
+                    .fetch_all(&self.pool)
+                    .await
+            }
+        }
+        .map_err(|e| self.call_error(e))?;
         rows.iter().map(sql::stored_message).collect()
     }
 
-    async fn next_delivery(&self, after: UnixMillis) -> Result<Option<UnixMillis>, StorageError> {
+    async fn next_delivery(
+        &self,
+        after: UnixMillis,
+        shards: &ShardFilter,
+    ) -> Result<Option<UnixMillis>, StorageError> {
         self.ensure_open()?;
-        sqlx::query_scalar(AssertSqlSafe(&*self.statements.next_delivery))
-            .bind(after)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.call_error(e))
+        match shards {
+            ShardFilter::All => {
+                sqlx::query_scalar(AssertSqlSafe(&*self.statements.next_delivery))
+                    .bind(after)
+                    .fetch_one(&self.pool)
+                    .await
+            }
+            ShardFilter::Only(shards) => {
+                let (groups, indexes) = shard_columns(shards);
+                sqlx::query_scalar(AssertSqlSafe(&*self.statements.next_delivery_in))
+                    .bind(after)
+                    .bind(groups)
+                    .bind(indexes)
+                    .fetch_one(&self.pool)
+                    .await
+            }
+        }
+        .map_err(|e| self.call_error(e))
     }
 
     async fn reply(&self, id: MessageId) -> Result<Option<StoredReply>, StorageError> {
@@ -291,4 +323,12 @@ mod tests {
             );
         }
     }
+}
+
+/// The shards as two columns (groups, indexes) for `UNNEST`.
+fn shard_columns(shards: &[crate::sharding::ShardId]) -> (Vec<String>, Vec<i64>) {
+    shards
+        .iter()
+        .map(|s| (s.group().to_owned(), i64::from(s.index())))
+        .unzip()
 }

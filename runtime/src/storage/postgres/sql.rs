@@ -39,8 +39,12 @@ pub(super) struct Statements {
     pub(super) select_state: String,
     /// Ready unprocessed messages in id order.
     pub(super) select_unprocessed: String,
+    /// Ready unprocessed messages of some shards (`$4` groups, `$5` indexes).
+    pub(super) select_unprocessed_in: String,
     /// The earliest scheduled delivery after an instant.
     pub(super) next_delivery: String,
+    /// The earliest scheduled delivery of some shards (`$2` groups, `$3` indexes).
+    pub(super) next_delivery_in: String,
     /// Deletes one chunk of old processed messages.
     pub(super) purge_processed: String,
 }
@@ -103,9 +107,23 @@ impl Statements {
                    AND id > $2 \
                  ORDER BY id LIMIT $3"
             ),
+            select_unprocessed_in: format!(
+                "SELECT {MESSAGE_COLUMNS} FROM {p}messages \
+                 WHERE processed_at IS NULL AND (deliver_at IS NULL OR deliver_at <= $1) \
+                   AND id > $2 \
+                   AND (shard_group, shard_index) IN \
+                       (SELECT * FROM UNNEST($4::text[], $5::bigint[])) \
+                 ORDER BY id LIMIT $3"
+            ),
             next_delivery: format!(
                 "SELECT MIN(deliver_at) FROM {p}messages \
                  WHERE processed_at IS NULL AND deliver_at > $1"
+            ),
+            next_delivery_in: format!(
+                "SELECT MIN(deliver_at) FROM {p}messages \
+                 WHERE processed_at IS NULL AND deliver_at > $1 \
+                   AND (shard_group, shard_index) IN \
+                       (SELECT * FROM UNNEST($2::text[], $3::bigint[]))"
             ),
             purge_processed: format!(
                 "DELETE FROM {p}messages WHERE id IN \

@@ -24,8 +24,8 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection};
 
 use super::{
-    MessageId, MessageStorage, StoredMessage, StoredReply, UnixMillis, UnprocessedQuery,
-    WriteBatch, WriteOutcome,
+    MessageId, MessageStorage, ShardFilter, StoredMessage, StoredReply, UnixMillis,
+    UnprocessedQuery, WriteBatch, WriteOutcome,
 };
 use crate::error::StorageError;
 use write::BatchError;
@@ -288,23 +288,51 @@ impl MessageStorage for SqliteStorage {
         self.ensure_open()?;
         let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
         let after = query.after.map_or(i64::MIN, |id| id.0);
-        let rows = sqlx::query(sql::SELECT_UNPROCESSED)
-            .bind(query.ready_at)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.readers)
-            .await
-            .map_err(|e| self.read_error(e))?;
+        let rows = match &query.shards {
+            ShardFilter::All => {
+                sqlx::query(sql::SELECT_UNPROCESSED)
+                    .bind(query.ready_at)
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&self.readers)
+                    .await
+            }
+            ShardFilter::Only(shards) => {
+                sqlx::query(sql::SELECT_UNPROCESSED_IN)
+                    .bind(query.ready_at)
+                    .bind(after)
+                    .bind(sql::shard_list(shards))
+                    .bind(limit)
+                    .fetch_all(&self.readers)
+                    .await
+            }
+        }
+        .map_err(|e| self.read_error(e))?;
         rows.iter().map(sql::stored_message).collect()
     }
 
-    async fn next_delivery(&self, after: UnixMillis) -> Result<Option<UnixMillis>, StorageError> {
+    async fn next_delivery(
+        &self,
+        after: UnixMillis,
+        shards: &ShardFilter,
+    ) -> Result<Option<UnixMillis>, StorageError> {
         self.ensure_open()?;
-        sqlx::query_scalar(sql::NEXT_DELIVERY)
-            .bind(after)
-            .fetch_one(&self.readers)
-            .await
-            .map_err(|e| self.read_error(e))
+        match shards {
+            ShardFilter::All => {
+                sqlx::query_scalar(sql::NEXT_DELIVERY)
+                    .bind(after)
+                    .fetch_one(&self.readers)
+                    .await
+            }
+            ShardFilter::Only(shards) => {
+                sqlx::query_scalar(sql::NEXT_DELIVERY_IN)
+                    .bind(after)
+                    .bind(sql::shard_list(shards))
+                    .fetch_one(&self.readers)
+                    .await
+            }
+        }
+        .map_err(|e| self.read_error(e))
     }
 
     async fn reply(&self, id: MessageId) -> Result<Option<StoredReply>, StorageError> {

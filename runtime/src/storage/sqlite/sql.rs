@@ -140,6 +140,42 @@ pub(super) const SELECT_UNPROCESSED: &str = "SELECT id, entity_type, entity_id, 
      WHERE processed_at IS NULL AND (deliver_at IS NULL OR deliver_at <= ?) AND id > ? \
      ORDER BY id LIMIT ?";
 
+/// `SELECT_UNPROCESSED` limited to the shards of a JSON array of
+/// `"group:index"` strings ([`shard_list`]).
+pub(super) const SELECT_UNPROCESSED_IN: &str = "SELECT id, entity_type, entity_id, shard_group, \
+     shard_index, tag, message_key, payload, headers, deliver_at, created_at \
+     FROM flotilla_messages \
+     WHERE processed_at IS NULL AND (deliver_at IS NULL OR deliver_at <= ?) AND id > ? \
+       AND (shard_group || ':' || shard_index) IN (SELECT value FROM json_each(?)) \
+     ORDER BY id LIMIT ?";
+
+/// `NEXT_DELIVERY` limited to the shards of a JSON array ([`shard_list`]).
+pub(super) const NEXT_DELIVERY_IN: &str = "SELECT MIN(deliver_at) FROM flotilla_messages \
+     WHERE processed_at IS NULL AND deliver_at > ? \
+       AND (shard_group || ':' || shard_index) IN (SELECT value FROM json_each(?))";
+
+/// A JSON array of `"group:index"` strings, one per shard.
+pub(super) fn shard_list(shards: &[crate::sharding::ShardId]) -> String {
+    let mut json = String::from("[");
+    for (i, shard) in shards.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push('"');
+        for c in shard.group().chars() {
+            match c {
+                '"' => json.push_str("\\\""),
+                '\\' => json.push_str("\\\\"),
+                c if u32::from(c) < 0x20 => json.push_str(&format!("\\u{:04x}", u32::from(c))),
+                c => json.push(c),
+            }
+        }
+        json.push_str(&format!(":{}\"", shard.index()));
+    }
+    json.push(']');
+    json
+}
+
 /// The earliest scheduled delivery after an instant. Uses the partial index
 /// `flotilla_messages_deliver_at` (`deliver_at > ?` implies `IS NOT NULL`).
 pub(super) const NEXT_DELIVERY: &str = "SELECT MIN(deliver_at) FROM flotilla_messages \
