@@ -26,7 +26,7 @@ use async_trait::async_trait;
 
 pub use memory::MemoryStorage;
 #[cfg(feature = "postgres")]
-pub use postgres::{DEFAULT_PREFIX, PostgresStorage};
+pub use postgres::{DEFAULT_PREFIX, PostgresRunners, PostgresStorage};
 pub use runners::{Epoch, Fence, RunnerInfo, RunnerStorage, Signal};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStorage;
