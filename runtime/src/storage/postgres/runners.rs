@@ -1,0 +1,653 @@
+//! [`RunnerStorage`] on PostgreSQL: a runner registry, shard locks held as
+//! session advisory locks, ownership epochs and `NOTIFY` signals.
+//!
+//! # Tables (migration `0003_runners.sql`, every name prefixed)
+//!
+//! - `{prefix}cluster`: one row, `lock_namespace integer`, drawn at random by
+//!   the migration. It is the first key of every advisory lock of this
+//!   cluster, so clusters in other schemas or under other prefixes of the
+//!   same database never share a lock.
+//! - `{prefix}lock_keys`: an `integer` sequence, the second lock key of every
+//!   runner and shard row (one sequence for both, so a runner key never
+//!   equals a shard key).
+//! - Signals: `NOTIFY` on channel `{prefix}signals_<lock_namespace as 8 hex
+//!   digits>` (channels are database-wide: the namespace keeps two clusters
+//!   with one prefix in two schemas apart), payloads `m`, `r:<group>:<index>`, `l`.
+//! - `{prefix}runners (runner_id text PRIMARY KEY, address text, weight
+//!   integer, groups text[], lock_key integer UNIQUE, registered_at bigint)`.
+//!   A row is kept after its runner dies (the id keeps its key); a runner is
+//!   *live* while its key is locked.
+//! - `{prefix}shards (shard_group text, shard_index bigint, epoch bigint,
+//!   owner text, lock_key integer UNIQUE, acquired_at bigint, PRIMARY KEY
+//!   (shard_group, shard_index))`. A row is created (epoch 0) the first time a
+//!   shard is acquired. `owner` is informative (the last acquirer, NULL once
+//!   released); the lock is the truth.
+//!
+//! # Locks
+//!
+//! Every lock is `pg_try_advisory_lock(lock_namespace, lock_key)` (the
+//! two-`int4` form, shown in `pg_locks` with `classid` = namespace, `objid` =
+//! key, `objsubid` = 2), taken in *session* mode on one dedicated connection
+//! per runner, opened by [`register`](RunnerStorage::register) outside the
+//! pool (`application_name = 'flotilla-lock/<runner id>'`). That connection
+//! holds the runner's liveness lock and every shard lock it acquires, so
+//! whatever ends the session (the process dies, the connection breaks, an
+//! administrator terminates the backend) frees all of them at once, and
+//! [`live_runners`](RunnerStorage::live_runners), which joins the registry
+//! with the granted locks of `pg_locks`, stops listing the runner at once.
+//! The session sets `idle_session_timeout` to the lock timeout (a frozen or
+//! partitioned runner that stops confirming loses its session, hence its
+//! locks) and server-side TCP keepalives / `tcp_user_timeout` of the same
+//! order (a vanished peer is noticed while a statement is in flight too).
+//! Any failure on the lock connection closes it: this value then holds
+//! nothing, every call but `register` fails until the runner registers again.
+//!
+//! # Epochs and fencing
+//!
+//! Each acquisition runs, after the lock is granted, `UPDATE {prefix}shards
+//! SET epoch = epoch + 1`, and returns the new epoch; the runner tags every
+//! completion it writes for the shard with it (a [`Fence`](crate::storage::Fence)).
+//! `PostgresStorage::write` reads the epochs of the fenced shards in the write
+//! transaction with `SELECT .. FOR SHARE` and writes nothing for a completion
+//! whose epoch is not the stored one (`CompletionOutcome::Fenced`).
+//!
+//! Why no stale completion can commit after a new owner starts: the new owner
+//! bumps the epoch only once it holds the lock, and the bump (an `UPDATE` of
+//! the shard row) must wait for the `FOR SHARE` row lock of any write
+//! transaction that has already checked the old epoch. So either that write
+//! commits before the bump returns — and the new owner, which scans the
+//! shard's unprocessed messages only after `acquire` returns, sees it
+//! processed — or the write reads the row after the bump committed (read
+//! committed re-reads a row updated under it) and is fenced. The old owner
+//! itself can only have written under an epoch it acquired while holding
+//! the lock.
+
+mod signals;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
+use tokio::sync::{Mutex, MutexGuard, OnceCell, mpsc};
+
+use crate::error::StorageError;
+use crate::sharding::{RunnerId, ShardId};
+use crate::snowflake::now_unix_ms;
+use crate::storage::{Epoch, RunnerInfo, RunnerStorage, Signal};
+
+/// The most bytes PostgreSQL keeps of an `application_name`.
+const APPLICATION_NAME_MAX: usize = 63;
+
+/// Runner registry, shard locks and signals of one cluster in PostgreSQL.
+///
+/// Made by [`PostgresStorage::runners`](super::PostgresStorage::runners): it
+/// shares the storage's pool (reads, signals), opens its lock connection with
+/// the pool's connect options, and uses the same table prefix. One value
+/// serves one runner.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), flotilla::StorageError> {
+/// use std::time::Duration;
+/// use flotilla::sharding::{RunnerId, ShardId};
+/// use flotilla::storage::{PostgresStorage, RunnerInfo, RunnerStorage};
+/// let storage = PostgresStorage::connect("postgres://app@db/app", "flotilla_").await?;
+/// let runners = storage.runners(Duration::from_secs(10));
+/// runners
+///     .register(&RunnerInfo {
+///         id: RunnerId::new("10.0.0.7:7100"),
+///         address: "10.0.0.7:7100".parse().expect("address"),
+///         weight: 1,
+///         groups: Vec::new(),
+///     })
+///     .await?;
+/// let taken = runners.acquire(&[ShardId::default_group(0)]).await?;
+/// assert!(taken.len() <= 1);
+/// runners.unregister().await?;
+/// # Ok(()) }
+/// ```
+pub struct PostgresRunners {
+    pool: PgPool,
+    prefix: String,
+    lock_timeout: Duration,
+    statements: RunnerStatements,
+    /// The `NOTIFY` channel, named once the cluster's namespace is read.
+    channel: OnceCell<String>,
+    /// The lock connection and what it holds; `None` before `register` and
+    /// after any failure on it.
+    session: Mutex<Option<LockSession>>,
+}
+
+impl fmt::Debug for PostgresRunners {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let runner = match self.session.try_lock() {
+            Ok(session) => session.as_ref().map(|s| s.runner.to_string()),
+            Err(_) => Some("<busy>".to_owned()),
+        };
+        f.debug_struct("PostgresRunners")
+            .field("prefix", &self.prefix)
+            .field("lock_timeout", &self.lock_timeout)
+            .field("runner", &runner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The dedicated lock connection of a registered runner.
+struct LockSession {
+    conn: PgConnection,
+    runner: RunnerId,
+    namespace: i32,
+    /// The shards locked on `conn`, with their lock keys and the epochs
+    /// their acquisition set.
+    held: HashMap<ShardId, (i32, Epoch)>,
+}
+
+/// The SQL of the registry, with the prefix filled in.
+#[derive(Debug)]
+struct RunnerStatements {
+    upsert_runner: String,
+    update_runner: String,
+    delete_runner: String,
+    live_runners: String,
+    insert_shards: String,
+    try_lock_shards: String,
+    bump_epochs: String,
+    disown_shards: String,
+    disown_all: String,
+    namespace: String,
+}
+
+impl RunnerStatements {
+    fn new(p: &str) -> Self {
+        Self {
+            // The no-op update makes the row (and its key) come back when it
+            // exists; the details are written only once the lock is held, so
+            // a refused registration changes nothing a live runner relies on.
+            upsert_runner: format!(
+                "INSERT INTO {p}runners (runner_id, address, weight, groups, registered_at) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (runner_id) DO UPDATE SET runner_id = excluded.runner_id \
+                 RETURNING lock_key, (SELECT lock_namespace FROM {p}cluster)"
+            ),
+            update_runner: format!(
+                "UPDATE {p}runners SET address = $2, weight = $3, groups = $4, \
+                 registered_at = $5 WHERE runner_id = $1"
+            ),
+            delete_runner: format!("DELETE FROM {p}runners WHERE runner_id = $1"),
+            // The advisory locks are read once (materialized), not once per runner.
+            live_runners: format!(
+                "WITH held AS MATERIALIZED ( \
+                   SELECT classid, objid FROM pg_locks \
+                   WHERE locktype = 'advisory' AND objsubid = 2 AND granted \
+                     AND database = (SELECT oid FROM pg_database \
+                                     WHERE datname = current_database())) \
+                 SELECT r.runner_id, r.address, r.weight, r.groups \
+                 FROM {p}runners r CROSS JOIN {p}cluster c \
+                 WHERE EXISTS (SELECT 1 FROM held h \
+                               WHERE h.classid = c.lock_namespace::oid \
+                                 AND h.objid = r.lock_key::oid)"
+            ),
+            insert_shards: format!(
+                "INSERT INTO {p}shards (shard_group, shard_index, epoch) \
+                 SELECT g, i, 0 FROM UNNEST($1::text[], $2::bigint[]) AS s (g, i) \
+                 ON CONFLICT DO NOTHING"
+            ),
+            // The CTE yields each wanted row once, and the lock function runs
+            // in the select list over it: exactly one try per wanted shard
+            // (a session lock taken twice would need two unlocks).
+            try_lock_shards: format!(
+                "WITH wanted AS MATERIALIZED ( \
+                   SELECT shard_group, shard_index, lock_key FROM {p}shards \
+                   WHERE (shard_group, shard_index) IN \
+                         (SELECT * FROM UNNEST($2::text[], $3::bigint[]))) \
+                 SELECT shard_group, shard_index, lock_key, \
+                        pg_try_advisory_lock($1, lock_key) AS taken \
+                 FROM wanted"
+            ),
+            bump_epochs: format!(
+                "UPDATE {p}shards SET epoch = epoch + 1, owner = $1, acquired_at = $2 \
+                 WHERE (shard_group, shard_index) IN \
+                       (SELECT * FROM UNNEST($3::text[], $4::bigint[])) \
+                 RETURNING shard_group, shard_index, epoch"
+            ),
+            disown_shards: format!(
+                "UPDATE {p}shards SET owner = NULL \
+                 WHERE owner = $1 AND (shard_group, shard_index) IN \
+                       (SELECT * FROM UNNEST($2::text[], $3::bigint[]))"
+            ),
+            disown_all: format!("UPDATE {p}shards SET owner = NULL WHERE owner = $1"),
+            namespace: format!("SELECT lock_namespace FROM {p}cluster"),
+        }
+    }
+}
+
+/// The error of a call that needs the lock connection when there is none.
+fn not_registered() -> StorageError {
+    StorageError::Io(io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the runner holds no lock connection (not registered, or it was lost): register again",
+    ))
+}
+
+/// `application_name` of a runner's lock connection, cut to what PostgreSQL keeps.
+fn lock_application_name(runner: &RunnerId) -> String {
+    let mut name = format!("flotilla-lock/{runner}");
+    if name.len() > APPLICATION_NAME_MAX {
+        let mut end = APPLICATION_NAME_MAX;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    name
+}
+
+/// The shards as two columns (groups, indexes) for `UNNEST`.
+fn columns<'a>(shards: impl Iterator<Item = &'a ShardId>) -> (Vec<String>, Vec<i64>) {
+    shards
+        .map(|s| (s.group().to_owned(), i64::from(s.index())))
+        .unzip()
+}
+
+/// A shard read back from its columns.
+fn shard_of(group: String, index: i64) -> Result<ShardId, StorageError> {
+    let index = u32::try_from(index)
+        .map_err(|_| StorageError::Corrupt(format!("shard index {index} out of range")))?;
+    Ok(ShardId::new(group, index))
+}
+
+impl PostgresRunners {
+    /// The runners of the cluster stored in `pool` under `prefix` (migrated
+    /// and validated by the caller).
+    pub(super) fn new(pool: PgPool, prefix: &str, lock_timeout: Duration) -> Self {
+        Self {
+            pool,
+            prefix: prefix.to_owned(),
+            lock_timeout,
+            statements: RunnerStatements::new(prefix),
+            channel: OnceCell::new(),
+            session: Mutex::new(None),
+        }
+    }
+
+    /// How long the lock session may stay silent before PostgreSQL ends it
+    /// (and frees every lock of this runner).
+    pub fn lock_timeout(&self) -> Duration {
+        self.lock_timeout
+    }
+
+    fn ensure_open(&self) -> Result<(), StorageError> {
+        if self.pool.is_closed() {
+            return Err(StorageError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Milliseconds of the lock timeout, as PostgreSQL settings take them.
+    fn timeout_ms(&self) -> i64 {
+        i64::try_from(self.lock_timeout.as_millis())
+            .unwrap_or(i64::MAX)
+            .clamp(1, i64::from(i32::MAX))
+    }
+
+    /// Opens a lock connection for `runner` and applies the session settings.
+    async fn open_lock_connection(&self, runner: &RunnerId) -> Result<PgConnection, StorageError> {
+        let options: PgConnectOptions = self
+            .pool
+            .connect_options()
+            .as_ref()
+            .clone()
+            .application_name(&lock_application_name(runner));
+        let mut conn = PgConnection::connect_with(&options).await?;
+        let ms = self.timeout_ms();
+        // Keepalives: probe after a third of the timeout, then every sixth,
+        // three times; `tcp_user_timeout` bounds unacknowledged sends. (These
+        // apply to TCP connections; over a Unix socket they are ignored.)
+        let idle_s = (ms / 3000).max(1);
+        let interval_s = (ms / 6000).max(1);
+        sqlx::query(
+            "SELECT set_config('idle_session_timeout', $1, false), \
+                    set_config('tcp_keepalives_idle', $2, false), \
+                    set_config('tcp_keepalives_interval', $3, false), \
+                    set_config('tcp_keepalives_count', '3', false), \
+                    set_config('tcp_user_timeout', $1, false)",
+        )
+        .bind(ms.to_string())
+        .bind(idle_s.to_string())
+        .bind(interval_s.to_string())
+        .execute(&mut conn)
+        .await?;
+        Ok(conn)
+    }
+
+    /// The `NOTIFY` channel of this cluster: `{prefix}signals_<namespace in
+    /// hex>`. Channels are database-wide, so the prefix alone would let
+    /// clusters of one prefix in two schemas wake each other.
+    async fn channel(&self) -> Result<&str, StorageError> {
+        self.channel
+            .get_or_try_init(|| async {
+                let namespace: i32 = sqlx::query_scalar(AssertSqlSafe(&*self.statements.namespace))
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok::<_, StorageError>(format!("{}signals_{:08x}", self.prefix, namespace))
+            })
+            .await
+            .map(String::as_str)
+    }
+
+    /// Sends `signal` on the pool, in a transaction of its own.
+    async fn notify(&self, signal: &Signal) -> Result<(), StorageError> {
+        self.ensure_open()?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(self.channel().await?)
+            .bind(signals::encode(signal))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes the lock session out of its slot, to be put back only if the
+    /// work on it succeeds. On failure (or if the calling future is dropped
+    /// half way) the session is dropped with its connection, so every lock it
+    /// held is freed and none is left half tracked.
+    async fn take_session(
+        &self,
+    ) -> Result<(MutexGuard<'_, Option<LockSession>>, LockSession), StorageError> {
+        self.ensure_open()?;
+        let mut guard = self.session.lock().await;
+        let session = guard.take().ok_or_else(not_registered)?;
+        Ok((guard, session))
+    }
+}
+
+impl LockSession {
+    async fn acquire(
+        &mut self,
+        statements: &RunnerStatements,
+        shards: &[ShardId],
+    ) -> Result<Vec<(ShardId, Epoch)>, StorageError> {
+        let mut seen = HashSet::new();
+        let wanted: Vec<&ShardId> = shards
+            .iter()
+            .filter(|s| !self.held.contains_key(*s) && seen.insert(*s))
+            .collect();
+        if !wanted.is_empty() {
+            let (groups, indexes) = columns(wanted.iter().copied());
+            sqlx::query(AssertSqlSafe(&*statements.insert_shards))
+                .bind(&groups)
+                .bind(&indexes)
+                .execute(&mut self.conn)
+                .await?;
+            let rows = sqlx::query(AssertSqlSafe(&*statements.try_lock_shards))
+                .bind(self.namespace)
+                .bind(&groups)
+                .bind(&indexes)
+                .fetch_all(&mut self.conn)
+                .await?;
+            let mut keys = HashMap::new();
+            for row in rows {
+                if row.try_get::<bool, _>(3)? {
+                    let shard = shard_of(row.try_get(0)?, row.try_get(1)?)?;
+                    keys.insert(shard, row.try_get::<i32, _>(2)?);
+                }
+            }
+            if !keys.is_empty() {
+                let (groups, indexes) = columns(keys.keys());
+                let rows = sqlx::query(AssertSqlSafe(&*statements.bump_epochs))
+                    .bind(self.runner.as_str())
+                    .bind(now_unix_ms() as i64)
+                    .bind(&groups)
+                    .bind(&indexes)
+                    .fetch_all(&mut self.conn)
+                    .await?;
+                for row in rows {
+                    let shard = shard_of(row.try_get(0)?, row.try_get(1)?)?;
+                    let epoch = Epoch(row.try_get(2)?);
+                    let key = keys.get(&shard).copied().ok_or_else(|| {
+                        StorageError::Corrupt(format!("epoch of {shard} bumped without its lock"))
+                    })?;
+                    self.held.insert(shard, (key, epoch));
+                }
+                if let Some(lost) = keys.keys().find(|s| !self.held.contains_key(*s)) {
+                    return Err(StorageError::Corrupt(format!(
+                        "{lost} was locked but its row is gone"
+                    )));
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        Ok(shards
+            .iter()
+            .filter(|s| seen.insert(*s))
+            .filter_map(|s| self.held.get(s).map(|(_, epoch)| (s.clone(), *epoch)))
+            .collect())
+    }
+
+    async fn release(
+        &mut self,
+        statements: &RunnerStatements,
+        shards: &[ShardId],
+    ) -> Result<(), StorageError> {
+        let mut seen = HashSet::new();
+        let releasing: Vec<(&ShardId, i32)> = shards
+            .iter()
+            .filter(|s| seen.insert(*s))
+            .filter_map(|s| self.held.get(s).map(|(key, _)| (s, *key)))
+            .collect();
+        if releasing.is_empty() {
+            return Ok(());
+        }
+        let (groups, indexes) = columns(releasing.iter().map(|(s, _)| *s));
+        sqlx::query(AssertSqlSafe(&*statements.disown_shards))
+            .bind(self.runner.as_str())
+            .bind(&groups)
+            .bind(&indexes)
+            .execute(&mut self.conn)
+            .await?;
+        let keys: Vec<i32> = releasing.iter().map(|(_, key)| *key).collect();
+        let unlocked: Vec<bool> =
+            sqlx::query_scalar("SELECT pg_advisory_unlock($1, k) FROM UNNEST($2::integer[]) AS k")
+                .bind(self.namespace)
+                .bind(&keys)
+                .fetch_all(&mut self.conn)
+                .await?;
+        for (shard, _) in &releasing {
+            self.held.remove(*shard);
+        }
+        if unlocked.iter().any(|u| !u) {
+            return Err(StorageError::Corrupt(
+                "a shard lock this runner tracked was not held by its session".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl RunnerStorage for PostgresRunners {
+    async fn register(&self, runner: &RunnerInfo) -> Result<(), StorageError> {
+        self.ensure_open()?;
+        let mut guard = self.session.lock().await;
+        // Closing the old connection frees everything it held.
+        if let Some(old) = guard.take() {
+            if let Err(error) = old.conn.close().await {
+                tracing::debug!(%error, "closing the previous lock connection failed");
+            }
+        }
+        let mut conn = self.open_lock_connection(&runner.id).await?;
+        let address = runner.address.to_string();
+        // A weight past i32::MAX is clamped (no cluster comes near it).
+        let weight = i32::try_from(runner.weight).unwrap_or(i32::MAX);
+        let now = now_unix_ms() as i64;
+        let row = sqlx::query(AssertSqlSafe(&*self.statements.upsert_runner))
+            .bind(runner.id.as_str())
+            .bind(&address)
+            .bind(weight)
+            .bind(&runner.groups)
+            .bind(now)
+            .fetch_one(&mut conn)
+            .await?;
+        let key: i32 = row.try_get(0)?;
+        let namespace: i32 = row.try_get(1)?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(namespace)
+            .bind(key)
+            .fetch_one(&mut conn)
+            .await?;
+        if !locked {
+            if let Err(error) = conn.close().await {
+                tracing::debug!(%error, "closing a refused lock connection failed");
+            }
+            return Err(StorageError::RunnerIdInUse(runner.id.to_string()));
+        }
+        sqlx::query(AssertSqlSafe(&*self.statements.update_runner))
+            .bind(runner.id.as_str())
+            .bind(&address)
+            .bind(weight)
+            .bind(&runner.groups)
+            .bind(now)
+            .execute(&mut conn)
+            .await?;
+        *guard = Some(LockSession {
+            conn,
+            runner: runner.id.clone(),
+            namespace,
+            held: HashMap::new(),
+        });
+        drop(guard);
+        self.notify(&Signal::MembershipChanged).await
+    }
+
+    async fn live_runners(&self) -> Result<Vec<RunnerInfo>, StorageError> {
+        self.ensure_open()?;
+        let rows = sqlx::query(AssertSqlSafe(&*self.statements.live_runners))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut runners = rows
+            .iter()
+            .map(|row| {
+                let id: String = row.try_get(0)?;
+                let address: String = row.try_get(1)?;
+                let address: SocketAddr = address.parse().map_err(|_| {
+                    StorageError::Corrupt(format!("runner {id:?} has address {address:?}"))
+                })?;
+                let weight: i32 = row.try_get(2)?;
+                let weight = u32::try_from(weight).map_err(|_| {
+                    StorageError::Corrupt(format!("runner {id:?} has weight {weight}"))
+                })?;
+                Ok(RunnerInfo {
+                    id: RunnerId::new(id),
+                    address,
+                    weight,
+                    groups: row.try_get(3)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StorageError>>()?;
+        // Sorted here: the database's collation need not order as Rust does.
+        runners.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(runners)
+    }
+
+    async fn acquire(&self, shards: &[ShardId]) -> Result<Vec<(ShardId, Epoch)>, StorageError> {
+        let (mut guard, mut session) = self.take_session().await?;
+        let taken = session.acquire(&self.statements, shards).await?;
+        *guard = Some(session);
+        Ok(taken)
+    }
+
+    async fn release(&self, shards: &[ShardId]) -> Result<(), StorageError> {
+        let (mut guard, mut session) = self.take_session().await?;
+        session.release(&self.statements, shards).await?;
+        *guard = Some(session);
+        Ok(())
+    }
+
+    async fn confirm(&self) -> Result<(), StorageError> {
+        let (mut guard, mut session) = self.take_session().await?;
+        let timeout = self.lock_timeout;
+        match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&mut session.conn))
+            .await
+        {
+            Ok(Ok(_)) => {
+                *guard = Some(session);
+                Ok(())
+            }
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(StorageError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the lock connection did not answer within {timeout:?}"),
+            ))),
+        }
+    }
+
+    async fn unregister(&self) -> Result<(), StorageError> {
+        let mut guard = self.session.lock().await;
+        let Some(mut session) = guard.take() else {
+            // Not registered, or the session is gone with its locks already.
+            return Ok(());
+        };
+        drop(guard);
+        let runner = session.runner.as_str();
+        // On the lock connection, while the liveness lock is still held: the
+        // row of a runner that took this id over is never deleted.
+        sqlx::query(AssertSqlSafe(&*self.statements.disown_all))
+            .bind(runner)
+            .execute(&mut session.conn)
+            .await?;
+        sqlx::query(AssertSqlSafe(&*self.statements.delete_runner))
+            .bind(runner)
+            .execute(&mut session.conn)
+            .await?;
+        sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut session.conn)
+            .await?;
+        session.conn.close().await?;
+        self.notify(&Signal::MembershipChanged).await
+    }
+
+    async fn signal(&self, signal: Signal) -> Result<(), StorageError> {
+        self.notify(&signal).await
+    }
+
+    async fn listen(&self) -> Result<mpsc::Receiver<Signal>, StorageError> {
+        self.ensure_open()?;
+        signals::listen(&self.pool, self.channel().await?).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn application_names_fit_postgres_and_stay_utf8() {
+        assert_eq!(
+            lock_application_name(&RunnerId::new("10.0.0.7:7100")),
+            "flotilla-lock/10.0.0.7:7100"
+        );
+        let long = lock_application_name(&RunnerId::new("é".repeat(40)));
+        assert!(long.len() <= APPLICATION_NAME_MAX);
+        assert!(long.starts_with("flotilla-lock/é"));
+        assert_eq!(long.len(), 62, "cut at a char boundary");
+    }
+
+    #[test]
+    fn statements_carry_the_prefix() {
+        let s = RunnerStatements::new("app_");
+        for sql in [
+            &s.upsert_runner,
+            &s.live_runners,
+            &s.insert_shards,
+            &s.try_lock_shards,
+            &s.bump_epochs,
+        ] {
+            assert!(sql.contains("app_"), "{sql}");
+            assert!(!sql.contains("flotilla_"), "{sql}");
+        }
+        assert!(s.namespace.contains("app_cluster"));
+    }
+}
