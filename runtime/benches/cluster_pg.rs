@@ -1,0 +1,340 @@
+//! Flotilla's cluster benchmark on PostgreSQL: calls across runner
+//! processes, persisted calls on PostgreSQL, and failover after SIGKILL and
+//! SIGTERM of a runner.
+//!
+//! `cargo bench -p flotilla --features postgres --bench cluster_pg` runs the
+//! full measurement; without `--bench` (as `cargo test --all-targets
+//! --all-features` runs it) it does a quick smoke pass so the benchmark
+//! itself stays tested. The database is `FLOTILLA_TEST_DATABASE_URL`
+//! (default `postgres://postgres@127.0.0.1:5432/postgres`); everything runs
+//! in a fresh schema, dropped at the end.
+//!
+//! Layout: the bench process is runner A (a full runner, in process); it
+//! re-runs its own binary as runner B (`FLOTILLA_BENCH_CHILD` set, configured
+//! by `FLOTILLA_*` variables like any deployed runner). Cross-runner cases
+//! call, from A, entities whose shards B owns: one transport hop each way.
+//! Failover kills B and times A until it owns every shard and a call to an
+//! entity of B's former shards succeeds.
+//!
+//! Targets (2-core machine): cross-runner volatile p50 <= 30 us, p99 <= 100
+//! us, >= 100,000 calls/s with 64 callers; persisted on PostgreSQL p50 <= 2
+//! ms with one caller, >= 20,000 msgs/s with 64 callers over 1,000
+//! entities; failover <= 1 s after SIGKILL, <= 100 ms after SIGTERM.
+
+mod measure;
+
+#[path = "cluster_pg/database.rs"]
+mod database;
+#[path = "cluster_pg/runner.rs"]
+mod runner;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla::RunnerId;
+use flotilla::prelude::*;
+use flotilla::sharding::DEFAULT_GROUP;
+use flotilla::sharding::assignment::{Runner, assign};
+use flotilla::transport::ClusterSecret;
+use measure::{Run, report};
+
+use database::BenchDatabase;
+use runner::{ChildRunner, Stop};
+
+/// Shards of the bench cluster (the default).
+const SHARDS: u32 = 300;
+/// The cluster secret every runner of the bench shares.
+const SECRET: &str = "flotilla-bench-cluster-secret";
+
+#[derive(Debug, Default)]
+struct Bench;
+
+#[entity(max_idle = "1h", mailbox = 1024)]
+impl Bench {
+    #[rpc]
+    async fn ping(&self, n: u64) -> u64 {
+        n
+    }
+
+    #[rpc(persisted)]
+    async fn store(&self, n: u64) -> u64 {
+        n
+    }
+}
+
+struct Scale {
+    commit_probes: usize,
+    volatile_calls: u64,
+    persisted_single: u64,
+    persisted_many: u64,
+    failovers: usize,
+}
+
+const FULL: Scale = Scale {
+    commit_probes: 200,
+    volatile_calls: 200_000,
+    persisted_single: 1_000,
+    persisted_many: 20_000,
+    failovers: 5,
+};
+
+const SMOKE: Scale = Scale {
+    commit_probes: 10,
+    volatile_calls: 1_000,
+    persisted_single: 20,
+    persisted_many: 256,
+    failovers: 1,
+};
+
+fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    if runner::is_child() {
+        runner::child_main::<Bench>();
+        return;
+    }
+    let full = std::env::args().any(|a| a == "--bench");
+    // `cargo bench ... --bench cluster_pg -- failover` runs the cases whose name contains the word.
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
+    let scale = if full { FULL } else { SMOKE };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    // Declared after the runtime, dropped before it: the schema goes first
+    // (also on a panic), then the runner's connections.
+    let db = runtime.block_on(BenchDatabase::create());
+    runtime.block_on(run(&db, &scale, &filter));
+}
+
+async fn run(db: &BenchDatabase, scale: &Scale, filter: &str) {
+    let wanted = |name: &str| name.contains(filter);
+    let commit = db.commit_latency(scale.commit_probes).await;
+    println!("machine: {commit}");
+
+    // Runner A alone owns every shard: persisted calls take the local path.
+    let a = Cluster::builder()
+        .postgres(db.url())
+        .secret(ClusterSecret::new(SECRET).expect("secret is long enough"))
+        .runner_id("bench-a")
+        .shards(SHARDS)
+        .register::<Bench>()
+        .start()
+        .await
+        .expect("start runner A on PostgreSQL");
+    let a_id = a.runner_id().clone();
+    wait_for("runner A to own every shard", || {
+        a.owned_shards().len() == SHARDS as usize
+    })
+    .await;
+    let local_ids = Arc::new(entity_ids("e", 1_000, |_| true));
+    for id in local_ids.iter() {
+        a.client::<Bench>(id).ping(0).await.expect("warm up");
+    }
+    let name = "persisted call on PostgreSQL, local, 1 caller";
+    if wanted(name) {
+        let run = drive(&a, &local_ids, 1, scale.persisted_single, true).await;
+        report(name, run);
+    }
+    let name = "persisted call on PostgreSQL, local, 64 callers over 1,000 entities";
+    if wanted(name) {
+        let run = drive(&a, &local_ids, 64, scale.persisted_many, true).await;
+        report(name, run);
+    }
+
+    // Runner B joins; A calls the entities on B's shards.
+    let b = ChildRunner::spawn(db, "bench-b-0", SECRET, SHARDS).await;
+    let b_shards = wait_balanced(&a, &a_id, b.id()).await;
+    let remote_ids = Arc::new(entity_ids("r", 1_000, |shard| b_shards.contains(&shard)));
+    for id in remote_ids.iter() {
+        a.client::<Bench>(id).ping(0).await.expect("warm up on B");
+    }
+    let name = "volatile cross-runner call (A -> B), 1 caller";
+    if wanted(name) {
+        let run = drive(&a, &remote_ids, 1, scale.volatile_calls / 4, false).await;
+        report(name, run);
+    }
+    let name = "volatile cross-runner call (A -> B), 64 callers over 1,000 entities";
+    if wanted(name) {
+        let run = drive(&a, &remote_ids, 64, scale.volatile_calls, false).await;
+        report(name, run);
+    }
+    let name = "persisted cross-runner call (A -> B), 1 caller";
+    if wanted(name) {
+        let run = drive(&a, &remote_ids, 1, scale.persisted_single, true).await;
+        report(name, run);
+    }
+    let name = "persisted cross-runner call (A -> B), 64 callers over 1,000 entities";
+    if wanted(name) {
+        let run = drive(&a, &remote_ids, 64, scale.persisted_many, true).await;
+        report(name, run);
+    }
+
+    let mut b = Some(b);
+    for (how, name) in [
+        (Stop::Kill, "failover after SIGKILL"),
+        (Stop::Term, "failover after SIGTERM"),
+    ] {
+        if !wanted(name) {
+            continue;
+        }
+        let mut owned_all = Vec::new();
+        let mut answered = Vec::new();
+        for round in 0..scale.failovers {
+            let child = match b.take() {
+                Some(child) => child,
+                None => {
+                    let id = format!("bench-b-{}-{round}", how.word());
+                    ChildRunner::spawn(db, &id, SECRET, SHARDS).await
+                }
+            };
+            let (owned, call) = failover(&a, &a_id, child, how).await;
+            owned_all.push(owned);
+            answered.push(call);
+        }
+        report_failover(name, &owned_all, &answered);
+    }
+    if let Some(b) = b {
+        b.stop(Stop::Term).await;
+    }
+    a.shutdown().await;
+}
+
+/// `count` entity ids `<prefix>-<n>` whose shards pass `keep`.
+fn entity_ids(prefix: &str, count: usize, keep: impl Fn(ShardId) -> bool) -> Vec<String> {
+    (0..)
+        .map(|n| format!("{prefix}-{n}"))
+        .filter(|id| keep(ShardId::for_entity(DEFAULT_GROUP, id, SHARDS)))
+        .take(count)
+        .collect()
+}
+
+/// Polls `done` every millisecond; panics after 30 s.
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Waits until A owns exactly its share of {A, B} and B answers for its
+/// share; returns B's shards.
+async fn wait_balanced(a: &Cluster, a_id: &RunnerId, b_id: &RunnerId) -> HashSet<ShardId> {
+    let map = assign(
+        DEFAULT_GROUP,
+        SHARDS,
+        &[Runner::new(a_id.clone(), 1), Runner::new(b_id.clone(), 1)],
+    );
+    let mine: Vec<ShardId> = map.shards_of(a_id).collect();
+    let theirs: HashSet<ShardId> = map.shards_of(b_id).collect();
+    wait_for("runner A to hand B its shards", || {
+        let mut owned = a.owned_shards();
+        owned.sort();
+        owned == mine
+    })
+    .await;
+    // B serves its shards once a call there succeeds.
+    let probe = entity_ids("balance", 1, |shard| theirs.contains(&shard));
+    a.client::<Bench>(&probe[0])
+        .ping(1)
+        .await
+        .expect("runner B answers for its shards");
+    theirs
+}
+
+/// Stops B (`how`) and measures how long until A owns every shard, and until
+/// a call (started at the stop) to an entity of B's shards succeeds.
+async fn failover(
+    a: &Cluster,
+    a_id: &RunnerId,
+    mut b: ChildRunner,
+    how: Stop,
+) -> (Duration, Duration) {
+    let b_shards = wait_balanced(a, a_id, b.id()).await;
+    let probe = entity_ids("probe", 1, |shard| b_shards.contains(&shard)).remove(0);
+    // The link to B is open: the probe entity is active there.
+    a.client::<Bench>(&probe).ping(1).await.expect("probe on B");
+    let started = Instant::now();
+    b.signal(how);
+    let call = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let reply = a.client::<Bench>(&probe).ping(2).await;
+            (reply, started.elapsed())
+        })
+    };
+    wait_for("runner A to own every shard", || {
+        a.owned_shards().len() == SHARDS as usize
+    })
+    .await;
+    let owned = started.elapsed();
+    let (reply, answered) = call.await.expect("probe call task");
+    assert_eq!(reply.expect("a call to B's former shard succeeds"), 2);
+    b.wait_exit(how).await;
+    (owned, answered)
+}
+
+fn report_failover(name: &str, owned: &[Duration], answered: &[Duration]) {
+    let ms = |d: &Duration| format!("{:.1}", d.as_secs_f64() * 1_000.0);
+    let failover: Vec<Duration> = owned
+        .iter()
+        .zip(answered)
+        .map(|(o, c)| (*o).max(*c))
+        .collect();
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    println!(
+        "{name}: median {} ms until all shards owned and the call answered (owned {} ms, call {} ms; runs: {})",
+        ms(&median(failover.clone())),
+        ms(&median(owned.to_vec())),
+        ms(&median(answered.to_vec())),
+        failover.iter().map(ms).collect::<Vec<_>>().join(", ")
+    );
+}
+
+/// `callers` tasks make `calls` calls in all, each to entity `n % ids.len()`.
+async fn drive(
+    cluster: &Cluster,
+    ids: &Arc<Vec<String>>,
+    callers: u64,
+    calls: u64,
+    persisted: bool,
+) -> Run {
+    let per_caller = calls / callers;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|caller| {
+            let cluster = cluster.clone();
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let mut latency = measure::latencies();
+                for i in 0..per_caller {
+                    let n = caller * per_caller + i;
+                    let client = cluster.client::<Bench>(&ids[(n % ids.len() as u64) as usize]);
+                    let t = Instant::now();
+                    let reply = if persisted {
+                        client.store(n).await
+                    } else {
+                        client.ping(n).await
+                    };
+                    measure::record(&mut latency, t);
+                    assert_eq!(reply.expect("call"), n);
+                }
+                latency
+            })
+        })
+        .collect();
+    Run::collect(tasks, per_caller * callers, started).await
+}
