@@ -197,7 +197,14 @@ async fn run(db: &BenchDatabase, scale: &Scale, filter: &str) {
                     ChildRunner::spawn(db, &id, SECRET, SHARDS).await
                 }
             };
-            let (owned, call) = failover(&a, &a_id, child, how).await;
+            // Runner A reads the live set every `membership_poll`: stop B at
+            // evenly spread points of that period, not always just after a
+            // read (which would time the worst case only).
+            let phase = a
+                .config()
+                .membership_poll
+                .mul_f64(round as f64 / scale.failovers as f64);
+            let (owned, call) = failover(&a, &a_id, child, how, phase).await;
             owned_all.push(owned);
             answered.push(call);
         }
@@ -252,18 +259,21 @@ async fn wait_balanced(a: &Cluster, a_id: &RunnerId, b_id: &RunnerId) -> HashSet
     theirs
 }
 
-/// Stops B (`how`) and measures how long until A owns every shard, and until
-/// a call (started at the stop) to an entity of B's shards succeeds.
+/// Stops B (`how`) `phase` after the cluster is balanced, and measures how
+/// long until A owns every shard, and until a call (started at the stop) to
+/// an entity of B's shards succeeds.
 async fn failover(
     a: &Cluster,
     a_id: &RunnerId,
     mut b: ChildRunner,
     how: Stop,
+    phase: Duration,
 ) -> (Duration, Duration) {
     let b_shards = wait_balanced(a, a_id, b.id()).await;
     let probe = entity_ids("probe", 1, |shard| b_shards.contains(&shard)).remove(0);
     // The link to B is open: the probe entity is active there.
     a.client::<Bench>(&probe).ping(1).await.expect("probe on B");
+    tokio::time::sleep(phase).await;
     let started = Instant::now();
     b.signal(how);
     let call = {

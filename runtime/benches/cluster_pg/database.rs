@@ -67,7 +67,8 @@ impl BenchDatabase {
             .execute(&mut conn)
             .await
             .expect("create the probe table");
-        let mut samples: Vec<f64> = Vec::with_capacity(rounds);
+        let mut commits = Vec::with_capacity(rounds);
+        let mut round_trips = Vec::with_capacity(rounds);
         for n in 0..rounds {
             let t = Instant::now();
             sqlx::query("INSERT INTO commit_probe (n) VALUES ($1)")
@@ -75,20 +76,30 @@ impl BenchDatabase {
                 .execute(&mut conn)
                 .await
                 .expect("probe insert");
-            samples.push(t.elapsed().as_secs_f64() * 1_000.0);
+            commits.push(t.elapsed().as_secs_f64() * 1_000.0);
+            let t = Instant::now();
+            sqlx::query("SELECT $1::bigint")
+                .bind(n as i64)
+                .execute(&mut conn)
+                .await
+                .expect("probe select");
+            round_trips.push(t.elapsed().as_secs_f64() * 1_000.0);
         }
-        samples.sort_by(f64::total_cmp);
-        let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+        let at = |samples: &mut Vec<f64>, q: f64| {
+            samples.sort_by(f64::total_cmp);
+            samples[((samples.len() - 1) as f64 * q) as usize]
+        };
         let fsync = show(&mut conn, "fsync").await;
         let synchronous_commit = show(&mut conn, "synchronous_commit").await;
         let version = show(&mut conn, "server_version").await;
         conn.close().await.expect("close");
         format!(
-            "PostgreSQL {version} commit (single-row INSERT, {rounds} commits) p50 {:.3} ms, \
-             p99 {:.3} ms; fsync={fsync}, synchronous_commit={synchronous_commit} \
-             (persisted figures move with it)",
-            at(0.5),
-            at(0.99)
+            "PostgreSQL {version}: commit of a single-row INSERT p50 {:.3} ms, p99 {:.3} ms; \
+             round trip (SELECT) p50 {:.3} ms ({rounds} each); fsync={fsync}, \
+             synchronous_commit={synchronous_commit} (persisted figures move with these)",
+            at(&mut commits, 0.5),
+            at(&mut commits, 0.99),
+            at(&mut round_trips, 0.5),
         )
     }
 }
