@@ -292,14 +292,14 @@ async fn a_terminated_lock_session_fences_the_old_owner() {
         "confirm notices the lost session"
     );
     assert!(
-        ra.acquire(&[shard.clone()]).await.is_err(),
+        ra.acquire(std::slice::from_ref(&shard)).await.is_err(),
         "after a failed confirm the value holds nothing"
     );
     assert_eq!(
         live_eventually(&rb, &[b.id.to_string()]).await,
         vec![b.id.to_string()]
     );
-    let fresh = rb.acquire(&[shard.clone()]).await.unwrap();
+    let fresh = rb.acquire(std::slice::from_ref(&shard)).await.unwrap();
     assert_eq!(fresh, vec![(shard.clone(), Epoch(stale.0 + 1))]);
     let fresh = fresh[0].1;
 
@@ -348,8 +348,17 @@ async fn a_terminated_lock_session_fences_the_old_owner() {
     // The old runner registers again and works.
     ra.register(&a).await.unwrap();
     ra.confirm().await.unwrap();
-    assert_eq!(ra.acquire(&[shard.clone()]).await.unwrap(), vec![]);
-    assert_eq!(ra.acquire(&[other.clone()]).await.unwrap().len(), 1);
+    assert_eq!(
+        ra.acquire(std::slice::from_ref(&shard)).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        ra.acquire(std::slice::from_ref(&other))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(
         ids(&rb.live_runners().await.unwrap()),
         vec![a.id.to_string(), b.id.to_string()]
@@ -358,6 +367,99 @@ async fn a_terminated_lock_session_fences_the_old_owner() {
     for storage in [sa, sb] {
         storage.close().await;
     }
+    app.close().await;
+}
+
+/// Waits until a session named `application_name` whose query starts with
+/// `query` waits for a lock.
+async fn until_waiting_for_a_lock(app: &PgPool, application_name: &str, query: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE $2 || '%'",
+        )
+        .bind(application_name)
+        .bind(query)
+        .fetch_one(app)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{application_name} never waited for a lock in {query}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_new_owner_bumps_the_epoch_only_after_an_in_flight_fenced_write_commits() {
+    let schema = TestSchema::create().await;
+    let app = schema.pool(2).await;
+    let a = runner(&schema, "a", 7001);
+    let b = runner(&schema, "b", 7002);
+    let (sa, ra) = registered(&schema, &a, LOCK_TIMEOUT).await;
+    let (sb, rb) = registered(&schema, &b, LOCK_TIMEOUT).await;
+    let msg = message(1, "acct-1");
+    let shard = msg.address.shard.clone();
+    let epoch = ra.acquire(std::slice::from_ref(&shard)).await.unwrap()[0].1;
+    save(&sa, vec![msg.clone()]).await;
+    // a loses its locks but does not know yet; its handler finishes.
+    terminate(&app, lock_session_pid(&app, &a).await).await;
+
+    // Hold the message row so a's write stops half way, after its fence check.
+    let mut blocker = app.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM flotilla_messages WHERE id = 1 FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut late = completion(1, b"from a");
+    late.fence = Some(Fence {
+        shard: shard.clone(),
+        epoch,
+    });
+    let sa = std::sync::Arc::new(sa);
+    let write = tokio::spawn({
+        let sa = sa.clone();
+        async move {
+            sa.write(WriteBatch {
+                saves: Vec::new(),
+                completions: vec![late],
+            })
+            .await
+        }
+    });
+    until_waiting_for_a_lock(&app, schema.name(), "UPDATE flotilla_messages").await;
+
+    // b takes the lock at once, but its epoch bump waits for a's write.
+    let rb = std::sync::Arc::new(rb);
+    let acquire = tokio::spawn({
+        let rb = rb.clone();
+        let shard = shard.clone();
+        async move { rb.acquire(&[shard]).await }
+    });
+    let lock_session = format!("flotilla-lock/{}", b.id);
+    until_waiting_for_a_lock(&app, &lock_session, "UPDATE flotilla_shards").await;
+    blocker.commit().await.unwrap();
+
+    assert_eq!(
+        write.await.unwrap().unwrap().completions,
+        vec![CompletionOutcome::Recorded],
+        "a's fence was current when it was checked"
+    );
+    assert_eq!(
+        acquire.await.unwrap().unwrap(),
+        vec![(shard.clone(), Epoch(epoch.0 + 1))]
+    );
+    // b, now the owner, finds the message already handled: it runs once.
+    assert_eq!(unprocessed_ids(&sb, i64::MAX).await, Vec::<i64>::new());
+    assert!(sb.reply(msg.id).await.unwrap().is_some());
+
+    sa.close().await;
+    sb.close().await;
     app.close().await;
 }
 

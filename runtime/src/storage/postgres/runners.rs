@@ -473,10 +473,10 @@ impl RunnerStorage for PostgresRunners {
         self.ensure_open()?;
         let mut guard = self.session.lock().await;
         // Closing the old connection frees everything it held.
-        if let Some(old) = guard.take() {
-            if let Err(error) = old.conn.close().await {
-                tracing::debug!(%error, "closing the previous lock connection failed");
-            }
+        if let Some(old) = guard.take()
+            && let Err(error) = old.conn.close().await
+        {
+            tracing::debug!(%error, "closing the previous lock connection failed");
         }
         let mut conn = self.open_lock_connection(&runner.id).await?;
         let address = runner.address.to_string();
