@@ -195,6 +195,18 @@ async fn one_runner_holds_a_shard_and_every_acquisition_bumps_its_epoch() {
         owner_and_epoch(&app, &ShardId::default_group(0)).await,
         (Some(a.id.to_string()), 1)
     );
+    // Trying held shards again and again draws no lock keys.
+    let keys_drawn = || async {
+        sqlx::query_scalar::<_, i64>("SELECT last_value FROM flotilla_lock_keys")
+            .fetch_one(&app)
+            .await
+            .unwrap()
+    };
+    let before = keys_drawn().await;
+    for _ in 0..3 {
+        assert_eq!(rb.acquire(&shards(&[0, 1])).await.unwrap(), vec![]);
+    }
+    assert_eq!(keys_drawn().await, before);
 
     // One release frees the shard at once (it was locked once, however
     // often it was acquired), and the next acquisition bumps the epoch.
