@@ -127,6 +127,12 @@ async fn registered_runners_are_live_in_id_order_until_they_unregister() {
     let (sa, ra) = registered(&schema, &a, LOCK_TIMEOUT).await;
 
     assert_eq!(rb.live_runners().await.unwrap(), vec![a.clone(), b.clone()]);
+    let debug = format!("{ra:?}");
+    assert!(debug.contains(a.id.as_str()), "{debug}");
+    assert!(
+        !debug.contains("postgres://"),
+        "no connection string: {debug}"
+    );
 
     // Registering again (new address) replaces the lock connection and the row.
     a.address = "127.0.0.1:7101".parse().unwrap();

@@ -78,9 +78,6 @@ mod session;
 mod signals;
 mod statements;
 
-use session::LockSession;
-use statements::RunnerStatements;
-
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
@@ -96,6 +93,8 @@ use crate::error::StorageError;
 use crate::sharding::{RunnerId, ShardId};
 use crate::snowflake::now_unix_ms;
 use crate::storage::{Epoch, RunnerInfo, RunnerStorage, Signal};
+use session::LockSession;
+use statements::RunnerStatements;
 
 /// The most bytes PostgreSQL keeps of an `application_name`.
 const APPLICATION_NAME_MAX: usize = 63;
@@ -417,6 +416,11 @@ impl RunnerStorage for PostgresRunners {
             .execute(&mut session.conn)
             .await?;
         session.conn.close().await?;
+        if self.pool.is_closed() {
+            // Shutting down with the storage already closed: the others see
+            // the lock gone at their next look at the live set.
+            return Ok(());
+        }
         self.notify(&Signal::MembershipChanged).await
     }
 
