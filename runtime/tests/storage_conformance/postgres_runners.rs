@@ -607,9 +607,10 @@ async fn postgres_ends_an_idle_lock_session_after_the_lock_timeout() {
 async fn confirming_keeps_a_short_lock_timeout_session_alive() {
     let schema = TestSchema::create().await;
     let a = runner(&schema, "a", 7001);
-    let (sa, ra) = registered(&schema, &a, Duration::from_secs(1)).await;
+    let (sa, ra) = registered(&schema, &a, Duration::from_millis(1500)).await;
     assert_eq!(ra.acquire(&shards(&[0])).await.unwrap().len(), 1);
-    for _ in 0..8 {
+    // Twice the timeout in all, with a wide margin at each step.
+    for _ in 0..12 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         ra.confirm().await.expect("confirmed within the timeout");
     }
