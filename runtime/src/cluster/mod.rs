@@ -598,14 +598,14 @@ impl ClusterBuilder {
             server: std::sync::Mutex::new(None),
             transport_address,
         });
-        if let Some(runners) = svc.runners.clone() {
-            if let Err(error) = Self::join(&core, runners, listener).await {
-                core.writer.close();
-                core.writer_tasks.close();
-                core.writer_tasks.wait().await;
-                core.storage.close().await;
-                return Err(error);
-            }
+        if let Some(runners) = svc.runners.clone()
+            && let Err(error) = Self::join(&core, runners, listener).await
+        {
+            core.writer.close();
+            core.writer_tasks.close();
+            core.writer_tasks.wait().await;
+            core.storage.close().await;
+            return Err(error);
         }
         if core.transport_address.is_none() && core.ownership.is_cluster() {
             // Client-only: it sends, it does not serve.

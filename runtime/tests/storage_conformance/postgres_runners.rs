@@ -127,6 +127,12 @@ async fn registered_runners_are_live_in_id_order_until_they_unregister() {
     let (sa, ra) = registered(&schema, &a, LOCK_TIMEOUT).await;
 
     assert_eq!(rb.live_runners().await.unwrap(), vec![a.clone(), b.clone()]);
+    let debug = format!("{ra:?}");
+    assert!(debug.contains(a.id.as_str()), "{debug}");
+    assert!(
+        !debug.contains("postgres://"),
+        "no connection string: {debug}"
+    );
 
     // Registering again (new address) replaces the lock connection and the row.
     a.address = "127.0.0.1:7101".parse().unwrap();
@@ -195,6 +201,18 @@ async fn one_runner_holds_a_shard_and_every_acquisition_bumps_its_epoch() {
         owner_and_epoch(&app, &ShardId::default_group(0)).await,
         (Some(a.id.to_string()), 1)
     );
+    // Trying held shards again and again draws no lock keys.
+    let keys_drawn = || async {
+        sqlx::query_scalar::<_, i64>("SELECT last_value FROM flotilla_lock_keys")
+            .fetch_one(&app)
+            .await
+            .unwrap()
+    };
+    let before = keys_drawn().await;
+    for _ in 0..3 {
+        assert_eq!(rb.acquire(&shards(&[0, 1])).await.unwrap(), vec![]);
+    }
+    assert_eq!(keys_drawn().await, before);
 
     // One release frees the shard at once (it was locked once, however
     // often it was acquired), and the next acquisition bumps the epoch.
@@ -292,14 +310,14 @@ async fn a_terminated_lock_session_fences_the_old_owner() {
         "confirm notices the lost session"
     );
     assert!(
-        ra.acquire(&[shard.clone()]).await.is_err(),
+        ra.acquire(std::slice::from_ref(&shard)).await.is_err(),
         "after a failed confirm the value holds nothing"
     );
     assert_eq!(
         live_eventually(&rb, &[b.id.to_string()]).await,
         vec![b.id.to_string()]
     );
-    let fresh = rb.acquire(&[shard.clone()]).await.unwrap();
+    let fresh = rb.acquire(std::slice::from_ref(&shard)).await.unwrap();
     assert_eq!(fresh, vec![(shard.clone(), Epoch(stale.0 + 1))]);
     let fresh = fresh[0].1;
 
@@ -348,8 +366,17 @@ async fn a_terminated_lock_session_fences_the_old_owner() {
     // The old runner registers again and works.
     ra.register(&a).await.unwrap();
     ra.confirm().await.unwrap();
-    assert_eq!(ra.acquire(&[shard.clone()]).await.unwrap(), vec![]);
-    assert_eq!(ra.acquire(&[other.clone()]).await.unwrap().len(), 1);
+    assert_eq!(
+        ra.acquire(std::slice::from_ref(&shard)).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        ra.acquire(std::slice::from_ref(&other))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(
         ids(&rb.live_runners().await.unwrap()),
         vec![a.id.to_string(), b.id.to_string()]
@@ -358,6 +385,99 @@ async fn a_terminated_lock_session_fences_the_old_owner() {
     for storage in [sa, sb] {
         storage.close().await;
     }
+    app.close().await;
+}
+
+/// Waits until a session named `application_name` whose query starts with
+/// `query` waits for a lock.
+async fn until_waiting_for_a_lock(app: &PgPool, application_name: &str, query: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE $2 || '%'",
+        )
+        .bind(application_name)
+        .bind(query)
+        .fetch_one(app)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{application_name} never waited for a lock in {query}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_new_owner_bumps_the_epoch_only_after_an_in_flight_fenced_write_commits() {
+    let schema = TestSchema::create().await;
+    let app = schema.pool(2).await;
+    let a = runner(&schema, "a", 7001);
+    let b = runner(&schema, "b", 7002);
+    let (sa, ra) = registered(&schema, &a, LOCK_TIMEOUT).await;
+    let (sb, rb) = registered(&schema, &b, LOCK_TIMEOUT).await;
+    let msg = message(1, "acct-1");
+    let shard = msg.address.shard.clone();
+    let epoch = ra.acquire(std::slice::from_ref(&shard)).await.unwrap()[0].1;
+    save(&sa, vec![msg.clone()]).await;
+    // a loses its locks but does not know yet; its handler finishes.
+    terminate(&app, lock_session_pid(&app, &a).await).await;
+
+    // Hold the message row so a's write stops half way, after its fence check.
+    let mut blocker = app.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM flotilla_messages WHERE id = 1 FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut late = completion(1, b"from a");
+    late.fence = Some(Fence {
+        shard: shard.clone(),
+        epoch,
+    });
+    let sa = std::sync::Arc::new(sa);
+    let write = tokio::spawn({
+        let sa = sa.clone();
+        async move {
+            sa.write(WriteBatch {
+                saves: Vec::new(),
+                completions: vec![late],
+            })
+            .await
+        }
+    });
+    until_waiting_for_a_lock(&app, schema.name(), "UPDATE flotilla_messages").await;
+
+    // b takes the lock at once, but its epoch bump waits for a's write.
+    let rb = std::sync::Arc::new(rb);
+    let acquire = tokio::spawn({
+        let rb = rb.clone();
+        let shard = shard.clone();
+        async move { rb.acquire(&[shard]).await }
+    });
+    let lock_session = format!("flotilla-lock/{}", b.id);
+    until_waiting_for_a_lock(&app, &lock_session, "UPDATE flotilla_shards").await;
+    blocker.commit().await.unwrap();
+
+    assert_eq!(
+        write.await.unwrap().unwrap().completions,
+        vec![CompletionOutcome::Recorded],
+        "a's fence was current when it was checked"
+    );
+    assert_eq!(
+        acquire.await.unwrap().unwrap(),
+        vec![(shard.clone(), Epoch(epoch.0 + 1))]
+    );
+    // b, now the owner, finds the message already handled: it runs once.
+    assert_eq!(unprocessed_ids(&sb, i64::MAX).await, Vec::<i64>::new());
+    assert!(sb.reply(msg.id).await.unwrap().is_some());
+
+    sa.close().await;
+    sb.close().await;
     app.close().await;
 }
 
@@ -487,9 +607,10 @@ async fn postgres_ends_an_idle_lock_session_after_the_lock_timeout() {
 async fn confirming_keeps_a_short_lock_timeout_session_alive() {
     let schema = TestSchema::create().await;
     let a = runner(&schema, "a", 7001);
-    let (sa, ra) = registered(&schema, &a, Duration::from_secs(1)).await;
+    let (sa, ra) = registered(&schema, &a, Duration::from_millis(1500)).await;
     assert_eq!(ra.acquire(&shards(&[0])).await.unwrap().len(), 1);
-    for _ in 0..8 {
+    // Twice the timeout in all, with a wide margin at each step.
+    for _ in 0..12 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         ra.confirm().await.expect("confirmed within the timeout");
     }

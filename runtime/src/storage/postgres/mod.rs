@@ -299,6 +299,14 @@ impl MessageStorage for PostgresStorage {
     }
 }
 
+/// The shards as two columns (groups, indexes) for `UNNEST`.
+fn shard_columns(shards: &[crate::sharding::ShardId]) -> (Vec<String>, Vec<i64>) {
+    shards
+        .iter()
+        .map(|s| (s.group().to_owned(), i64::from(s.index())))
+        .unzip()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,12 +346,4 @@ mod tests {
             );
         }
     }
-}
-
-/// The shards as two columns (groups, indexes) for `UNNEST`.
-fn shard_columns(shards: &[crate::sharding::ShardId]) -> (Vec<String>, Vec<i64>) {
-    shards
-        .iter()
-        .map(|s| (s.group().to_owned(), i64::from(s.index())))
-        .unzip()
 }

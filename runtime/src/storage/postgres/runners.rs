@@ -10,9 +10,6 @@
 //! - `{prefix}lock_keys`: an `integer` sequence, the second lock key of every
 //!   runner and shard row (one sequence for both, so a runner key never
 //!   equals a shard key).
-//! - Signals: `NOTIFY` on channel `{prefix}signals_<lock_namespace as 8 hex
-//!   digits>` (channels are database-wide: the namespace keeps two clusters
-//!   with one prefix in two schemas apart), payloads `m`, `r:<group>:<index>`, `l`.
 //! - `{prefix}runners (runner_id text PRIMARY KEY, address text, weight
 //!   integer, groups text[], lock_key integer UNIQUE, registered_at bigint)`.
 //!   A row is kept after its runner dies (the id keeps its key); a runner is
@@ -22,6 +19,11 @@
 //!   (shard_group, shard_index))`. A row is created (epoch 0) the first time a
 //!   shard is acquired. `owner` is informative (the last acquirer, NULL once
 //!   released); the lock is the truth.
+//! - Signals: `NOTIFY` on channel `{prefix}signals_<lock_namespace as 8 hex
+//!   digits>` (channels are database-wide: the namespace keeps two clusters
+//!   with one prefix in two schemas apart), sent on the pool in a
+//!   transaction of its own, never inside a write transaction; payloads `m`
+//!   (membership changed), `r:<group>:<index>` (messages ready), `l` (lagged).
 //!
 //! # Locks
 //!
@@ -39,8 +41,13 @@
 //! partitioned runner that stops confirming loses its session, hence its
 //! locks) and server-side TCP keepalives / `tcp_user_timeout` of the same
 //! order (a vanished peer is noticed while a statement is in flight too).
-//! Any failure on the lock connection closes it: this value then holds
-//! nothing, every call but `register` fails until the runner registers again.
+//! `confirm` is one `SELECT 1` on that connection, bounded by the lock
+//! timeout. Any failure on the lock connection (or a call on it dropped
+//! half way) closes it: this value then holds nothing, and every call that
+//! needs the connection fails until the runner registers again.
+//! Acquisition locks exactly the wanted rows, once each (session locks are
+//! re-entrant counters: a double lock would survive one unlock); shards
+//! already held are not locked again.
 //!
 //! # Epochs and fencing
 //!
@@ -60,11 +67,18 @@
 //! processed — or the write reads the row after the bump committed (read
 //! committed re-reads a row updated under it) and is fenced. The old owner
 //! itself can only have written under an epoch it acquired while holding
-//! the lock.
+//! the lock. `FOR SHARE`, not `FOR KEY SHARE`: the latter does not block an
+//! `UPDATE` of a non-key column such as `epoch`. (Under `REPEATABLE READ` as
+//! the database default, the same race ends in a serialization failure of
+//! the write batch instead, which is retried: still no stale commit.)
+//! A completion whose message lies in another shard than its fence names is
+//! fenced too, so a caller's mistake cannot write.
 
+mod session;
 mod signals;
+mod statements;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -79,6 +93,8 @@ use crate::error::StorageError;
 use crate::sharding::{RunnerId, ShardId};
 use crate::snowflake::now_unix_ms;
 use crate::storage::{Epoch, RunnerInfo, RunnerStorage, Signal};
+use session::LockSession;
+use statements::RunnerStatements;
 
 /// The most bytes PostgreSQL keeps of an `application_name`.
 const APPLICATION_NAME_MAX: usize = 63;
@@ -136,95 +152,6 @@ impl fmt::Debug for PostgresRunners {
     }
 }
 
-/// The dedicated lock connection of a registered runner.
-struct LockSession {
-    conn: PgConnection,
-    runner: RunnerId,
-    namespace: i32,
-    /// The shards locked on `conn`, with their lock keys and the epochs
-    /// their acquisition set.
-    held: HashMap<ShardId, (i32, Epoch)>,
-}
-
-/// The SQL of the registry, with the prefix filled in.
-#[derive(Debug)]
-struct RunnerStatements {
-    upsert_runner: String,
-    update_runner: String,
-    delete_runner: String,
-    live_runners: String,
-    insert_shards: String,
-    try_lock_shards: String,
-    bump_epochs: String,
-    disown_shards: String,
-    disown_all: String,
-    namespace: String,
-}
-
-impl RunnerStatements {
-    fn new(p: &str) -> Self {
-        Self {
-            // The no-op update makes the row (and its key) come back when it
-            // exists; the details are written only once the lock is held, so
-            // a refused registration changes nothing a live runner relies on.
-            upsert_runner: format!(
-                "INSERT INTO {p}runners (runner_id, address, weight, groups, registered_at) \
-                 VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (runner_id) DO UPDATE SET runner_id = excluded.runner_id \
-                 RETURNING lock_key, (SELECT lock_namespace FROM {p}cluster)"
-            ),
-            update_runner: format!(
-                "UPDATE {p}runners SET address = $2, weight = $3, groups = $4, \
-                 registered_at = $5 WHERE runner_id = $1"
-            ),
-            delete_runner: format!("DELETE FROM {p}runners WHERE runner_id = $1"),
-            // The advisory locks are read once (materialized), not once per runner.
-            live_runners: format!(
-                "WITH held AS MATERIALIZED ( \
-                   SELECT classid, objid FROM pg_locks \
-                   WHERE locktype = 'advisory' AND objsubid = 2 AND granted \
-                     AND database = (SELECT oid FROM pg_database \
-                                     WHERE datname = current_database())) \
-                 SELECT r.runner_id, r.address, r.weight, r.groups \
-                 FROM {p}runners r CROSS JOIN {p}cluster c \
-                 WHERE EXISTS (SELECT 1 FROM held h \
-                               WHERE h.classid = c.lock_namespace::oid \
-                                 AND h.objid = r.lock_key::oid)"
-            ),
-            insert_shards: format!(
-                "INSERT INTO {p}shards (shard_group, shard_index, epoch) \
-                 SELECT g, i, 0 FROM UNNEST($1::text[], $2::bigint[]) AS s (g, i) \
-                 ON CONFLICT DO NOTHING"
-            ),
-            // The CTE yields each wanted row once, and the lock function runs
-            // in the select list over it: exactly one try per wanted shard
-            // (a session lock taken twice would need two unlocks).
-            try_lock_shards: format!(
-                "WITH wanted AS MATERIALIZED ( \
-                   SELECT shard_group, shard_index, lock_key FROM {p}shards \
-                   WHERE (shard_group, shard_index) IN \
-                         (SELECT * FROM UNNEST($2::text[], $3::bigint[]))) \
-                 SELECT shard_group, shard_index, lock_key, \
-                        pg_try_advisory_lock($1, lock_key) AS taken \
-                 FROM wanted"
-            ),
-            bump_epochs: format!(
-                "UPDATE {p}shards SET epoch = epoch + 1, owner = $1, acquired_at = $2 \
-                 WHERE (shard_group, shard_index) IN \
-                       (SELECT * FROM UNNEST($3::text[], $4::bigint[])) \
-                 RETURNING shard_group, shard_index, epoch"
-            ),
-            disown_shards: format!(
-                "UPDATE {p}shards SET owner = NULL \
-                 WHERE owner = $1 AND (shard_group, shard_index) IN \
-                       (SELECT * FROM UNNEST($2::text[], $3::bigint[]))"
-            ),
-            disown_all: format!("UPDATE {p}shards SET owner = NULL WHERE owner = $1"),
-            namespace: format!("SELECT lock_namespace FROM {p}cluster"),
-        }
-    }
-}
-
 /// The error of a call that needs the lock connection when there is none.
 fn not_registered() -> StorageError {
     StorageError::Io(io::Error::new(
@@ -244,20 +171,6 @@ fn lock_application_name(runner: &RunnerId) -> String {
         name.truncate(end);
     }
     name
-}
-
-/// The shards as two columns (groups, indexes) for `UNNEST`.
-fn columns<'a>(shards: impl Iterator<Item = &'a ShardId>) -> (Vec<String>, Vec<i64>) {
-    shards
-        .map(|s| (s.group().to_owned(), i64::from(s.index())))
-        .unzip()
-}
-
-/// A shard read back from its columns.
-fn shard_of(group: String, index: i64) -> Result<ShardId, StorageError> {
-    let index = u32::try_from(index)
-        .map_err(|_| StorageError::Corrupt(format!("shard index {index} out of range")))?;
-    Ok(ShardId::new(group, index))
 }
 
 impl PostgresRunners {
@@ -364,119 +277,16 @@ impl PostgresRunners {
     }
 }
 
-impl LockSession {
-    async fn acquire(
-        &mut self,
-        statements: &RunnerStatements,
-        shards: &[ShardId],
-    ) -> Result<Vec<(ShardId, Epoch)>, StorageError> {
-        let mut seen = HashSet::new();
-        let wanted: Vec<&ShardId> = shards
-            .iter()
-            .filter(|s| !self.held.contains_key(*s) && seen.insert(*s))
-            .collect();
-        if !wanted.is_empty() {
-            let (groups, indexes) = columns(wanted.iter().copied());
-            sqlx::query(AssertSqlSafe(&*statements.insert_shards))
-                .bind(&groups)
-                .bind(&indexes)
-                .execute(&mut self.conn)
-                .await?;
-            let rows = sqlx::query(AssertSqlSafe(&*statements.try_lock_shards))
-                .bind(self.namespace)
-                .bind(&groups)
-                .bind(&indexes)
-                .fetch_all(&mut self.conn)
-                .await?;
-            let mut keys = HashMap::new();
-            for row in rows {
-                if row.try_get::<bool, _>(3)? {
-                    let shard = shard_of(row.try_get(0)?, row.try_get(1)?)?;
-                    keys.insert(shard, row.try_get::<i32, _>(2)?);
-                }
-            }
-            if !keys.is_empty() {
-                let (groups, indexes) = columns(keys.keys());
-                let rows = sqlx::query(AssertSqlSafe(&*statements.bump_epochs))
-                    .bind(self.runner.as_str())
-                    .bind(now_unix_ms() as i64)
-                    .bind(&groups)
-                    .bind(&indexes)
-                    .fetch_all(&mut self.conn)
-                    .await?;
-                for row in rows {
-                    let shard = shard_of(row.try_get(0)?, row.try_get(1)?)?;
-                    let epoch = Epoch(row.try_get(2)?);
-                    let key = keys.get(&shard).copied().ok_or_else(|| {
-                        StorageError::Corrupt(format!("epoch of {shard} bumped without its lock"))
-                    })?;
-                    self.held.insert(shard, (key, epoch));
-                }
-                if let Some(lost) = keys.keys().find(|s| !self.held.contains_key(*s)) {
-                    return Err(StorageError::Corrupt(format!(
-                        "{lost} was locked but its row is gone"
-                    )));
-                }
-            }
-        }
-        let mut seen = HashSet::new();
-        Ok(shards
-            .iter()
-            .filter(|s| seen.insert(*s))
-            .filter_map(|s| self.held.get(s).map(|(_, epoch)| (s.clone(), *epoch)))
-            .collect())
-    }
-
-    async fn release(
-        &mut self,
-        statements: &RunnerStatements,
-        shards: &[ShardId],
-    ) -> Result<(), StorageError> {
-        let mut seen = HashSet::new();
-        let releasing: Vec<(&ShardId, i32)> = shards
-            .iter()
-            .filter(|s| seen.insert(*s))
-            .filter_map(|s| self.held.get(s).map(|(key, _)| (s, *key)))
-            .collect();
-        if releasing.is_empty() {
-            return Ok(());
-        }
-        let (groups, indexes) = columns(releasing.iter().map(|(s, _)| *s));
-        sqlx::query(AssertSqlSafe(&*statements.disown_shards))
-            .bind(self.runner.as_str())
-            .bind(&groups)
-            .bind(&indexes)
-            .execute(&mut self.conn)
-            .await?;
-        let keys: Vec<i32> = releasing.iter().map(|(_, key)| *key).collect();
-        let unlocked: Vec<bool> =
-            sqlx::query_scalar("SELECT pg_advisory_unlock($1, k) FROM UNNEST($2::integer[]) AS k")
-                .bind(self.namespace)
-                .bind(&keys)
-                .fetch_all(&mut self.conn)
-                .await?;
-        for (shard, _) in &releasing {
-            self.held.remove(*shard);
-        }
-        if unlocked.iter().any(|u| !u) {
-            return Err(StorageError::Corrupt(
-                "a shard lock this runner tracked was not held by its session".to_owned(),
-            ));
-        }
-        Ok(())
-    }
-}
-
 #[async_trait]
 impl RunnerStorage for PostgresRunners {
     async fn register(&self, runner: &RunnerInfo) -> Result<(), StorageError> {
         self.ensure_open()?;
         let mut guard = self.session.lock().await;
         // Closing the old connection frees everything it held.
-        if let Some(old) = guard.take() {
-            if let Err(error) = old.conn.close().await {
-                tracing::debug!(%error, "closing the previous lock connection failed");
-            }
+        if let Some(old) = guard.take()
+            && let Err(error) = old.conn.close().await
+        {
+            tracing::debug!(%error, "closing the previous lock connection failed");
         }
         let mut conn = self.open_lock_connection(&runner.id).await?;
         let address = runner.address.to_string();
@@ -606,6 +416,11 @@ impl RunnerStorage for PostgresRunners {
             .execute(&mut session.conn)
             .await?;
         session.conn.close().await?;
+        if self.pool.is_closed() {
+            // Shutting down with the storage already closed: the others see
+            // the lock gone at their next look at the live set.
+            return Ok(());
+        }
         self.notify(&Signal::MembershipChanged).await
     }
 
@@ -633,21 +448,5 @@ mod tests {
         assert!(long.len() <= APPLICATION_NAME_MAX);
         assert!(long.starts_with("flotilla-lock/é"));
         assert_eq!(long.len(), 62, "cut at a char boundary");
-    }
-
-    #[test]
-    fn statements_carry_the_prefix() {
-        let s = RunnerStatements::new("app_");
-        for sql in [
-            &s.upsert_runner,
-            &s.live_runners,
-            &s.insert_shards,
-            &s.try_lock_shards,
-            &s.bump_epochs,
-        ] {
-            assert!(sql.contains("app_"), "{sql}");
-            assert!(!sql.contains("flotilla_"), "{sql}");
-        }
-        assert!(s.namespace.contains("app_cluster"));
     }
 }
