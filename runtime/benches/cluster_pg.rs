@@ -38,6 +38,7 @@ use flotilla::sharding::DEFAULT_GROUP;
 use flotilla::sharding::assignment::{Runner, assign};
 use flotilla::transport::ClusterSecret;
 use measure::{Run, report};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
 use database::BenchDatabase;
 use runner::{ChildRunner, Stop};
@@ -98,6 +99,7 @@ fn main() {
         runner::child_main::<Bench>();
         return;
     }
+    let batches = BatchSizes::install();
     let full = std::env::args().any(|a| a == "--bench");
     // `cargo bench ... --bench cluster_pg -- failover` runs the cases whose name contains the word.
     let filter = std::env::args()
@@ -113,10 +115,10 @@ fn main() {
     // Declared after the runtime, dropped before it: the schema goes first
     // (also on a panic), then the runner's connections.
     let db = runtime.block_on(BenchDatabase::create());
-    runtime.block_on(run(&db, &scale, &filter));
+    runtime.block_on(run(&db, &scale, &filter, &batches));
 }
 
-async fn run(db: &BenchDatabase, scale: &Scale, filter: &str) {
+async fn run(db: &BenchDatabase, scale: &Scale, filter: &str, batches: &BatchSizes) {
     let wanted = |name: &str| name.contains(filter);
     let commit = db.commit_latency(scale.commit_probes).await;
     println!("machine: {commit}");
@@ -142,13 +144,17 @@ async fn run(db: &BenchDatabase, scale: &Scale, filter: &str) {
     }
     let name = "persisted call on PostgreSQL, local, 1 caller";
     if wanted(name) {
+        batches.take();
         let run = drive(&a, &local_ids, 1, scale.persisted_single, true).await;
         report(name, run);
+        batches.report();
     }
     let name = "persisted call on PostgreSQL, local, 64 callers over 1,000 entities";
     if wanted(name) {
+        batches.take();
         let run = drive(&a, &local_ids, 64, scale.persisted_many, true).await;
         report(name, run);
+        batches.report();
     }
 
     // Runner B joins; A calls the entities on B's shards.
@@ -170,13 +176,17 @@ async fn run(db: &BenchDatabase, scale: &Scale, filter: &str) {
     }
     let name = "persisted cross-runner call (A -> B), 1 caller";
     if wanted(name) {
+        batches.take();
         let run = drive(&a, &remote_ids, 1, scale.persisted_single, true).await;
         report(name, run);
+        batches.report();
     }
     let name = "persisted cross-runner call (A -> B), 64 callers over 1,000 entities";
     if wanted(name) {
+        batches.take();
         let run = drive(&a, &remote_ids, 64, scale.persisted_many, true).await;
         report(name, run);
+        batches.report();
     }
 
     let mut b = Some(b);
@@ -214,6 +224,50 @@ async fn run(db: &BenchDatabase, scale: &Scale, filter: &str) {
         b.stop(Stop::Term).await;
     }
     a.shutdown().await;
+}
+
+/// The sizes of runner A's group-commit transactions (its
+/// `flotilla_group_commit_batch_size` histogram), per case.
+struct BatchSizes(Option<Snapshotter>);
+
+impl BatchSizes {
+    /// Installs a recorder for this process's metrics (none if another is
+    /// installed already).
+    fn install() -> Self {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        Self(recorder.install().ok().map(|()| snapshotter))
+    }
+
+    /// The batch sizes recorded since the last call.
+    fn take(&self) -> Vec<f64> {
+        let Some(snapshotter) = &self.0 else {
+            return Vec::new();
+        };
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == "flotilla_group_commit_batch_size")
+            .flat_map(|(.., value)| match value {
+                DebugValue::Histogram(values) => values.into_iter().map(|v| v.0).collect(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Prints how many transactions runner A committed since the last call
+    /// and how many writes (saves and completions) they held on average.
+    fn report(&self) {
+        let sizes = self.take();
+        if !sizes.is_empty() {
+            println!(
+                "  runner A: {} transactions, {:.1} writes each on average",
+                sizes.len(),
+                sizes.iter().sum::<f64>() / sizes.len() as f64
+            );
+        }
+    }
 }
 
 /// `count` entity ids `<prefix>-<n>` whose shards pass `keep`.
