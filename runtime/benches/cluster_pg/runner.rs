@@ -52,7 +52,15 @@ impl ChildRunner {
     /// Starts runner `id` on the bench database and waits until it serves.
     pub(crate) async fn spawn(db: &BenchDatabase, id: &str, secret: &str, shards: u32) -> Self {
         let exe = std::env::current_exe().expect("the bench binary's path");
-        let mut child = tokio::process::Command::new(exe)
+        let mut command = tokio::process::Command::new(exe);
+        // Only the settings below: a FLOTILLA_* variable of the caller's
+        // environment must not make B differ from A.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("FLOTILLA_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
             .env(CHILD_ENV, "1")
             .env("FLOTILLA_STORAGE", db.url())
             .env("FLOTILLA_SECRET", secret)
