@@ -23,6 +23,8 @@
 
 mod measure;
 
+#[path = "cluster_pg/cpu.rs"]
+mod cpu;
 #[path = "cluster_pg/database.rs"]
 mod database;
 #[path = "cluster_pg/runner.rs"]
@@ -40,6 +42,7 @@ use flotilla::transport::ClusterSecret;
 use measure::{Run, report};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
+use cpu::CpuMeter;
 use database::BenchDatabase;
 use runner::{ChildRunner, Stop};
 
@@ -140,6 +143,8 @@ async fn run(db: &BenchDatabase, scale: &Scale, filter: &str, batches: &BatchSiz
         .await
         .expect("start runner A on PostgreSQL");
     let a_id = a.runner_id().clone();
+    let a_pid = std::process::id();
+    let probes = Probes { db, batches };
     wait_for("runner A to own every shard", || {
         a.owned_shards().len() == SHARDS as usize
     })
@@ -150,21 +155,28 @@ async fn run(db: &BenchDatabase, scale: &Scale, filter: &str, batches: &BatchSiz
     }
     let name = "persisted call on PostgreSQL, local, 1 caller";
     if wanted(name) {
-        batches.take();
-        let run = drive(&a, &local_ids, 1, scale.persisted_single, true).await;
-        report(name, run);
-        batches.report();
+        probes
+            .case(
+                name,
+                &[a_pid],
+                drive(&a, &local_ids, 1, scale.persisted_single, true),
+            )
+            .await;
     }
     let name = "persisted call on PostgreSQL, local, 64 callers over 1,000 entities";
     if wanted(name) {
-        batches.take();
-        let run = drive(&a, &local_ids, 64, scale.persisted_many, true).await;
-        report(name, run);
-        batches.report();
+        probes
+            .case(
+                name,
+                &[a_pid],
+                drive(&a, &local_ids, 64, scale.persisted_many, true),
+            )
+            .await;
     }
 
     // Runner B joins; A calls the entities on B's shards.
     let b = ChildRunner::spawn(db, "bench-b-0", SECRET, SHARDS).await;
+    let b_pid = b.pid();
     let b_shards = wait_balanced(&a, &a_id, b.id()).await;
     let remote_ids = Arc::new(entity_ids("r", 1_000, |shard| b_shards.contains(&shard)));
     for id in remote_ids.iter() {
@@ -172,27 +184,43 @@ async fn run(db: &BenchDatabase, scale: &Scale, filter: &str, batches: &BatchSiz
     }
     let name = "volatile cross-runner call (A -> B), 1 caller";
     if wanted(name) {
-        let run = drive(&a, &remote_ids, 1, scale.volatile_calls / 4, false).await;
-        report(name, run);
+        probes
+            .case(
+                name,
+                &[a_pid, b_pid],
+                drive(&a, &remote_ids, 1, scale.volatile_calls / 4, false),
+            )
+            .await;
     }
     let name = "volatile cross-runner call (A -> B), 64 callers over 1,000 entities";
     if wanted(name) {
-        let run = drive(&a, &remote_ids, 64, scale.volatile_calls, false).await;
-        report(name, run);
+        probes
+            .case(
+                name,
+                &[a_pid, b_pid],
+                drive(&a, &remote_ids, 64, scale.volatile_calls, false),
+            )
+            .await;
     }
     let name = "persisted cross-runner call (A -> B), 1 caller";
     if wanted(name) {
-        batches.take();
-        let run = drive(&a, &remote_ids, 1, scale.persisted_single, true).await;
-        report(name, run);
-        batches.report();
+        probes
+            .case(
+                name,
+                &[a_pid, b_pid],
+                drive(&a, &remote_ids, 1, scale.persisted_single, true),
+            )
+            .await;
     }
     let name = "persisted cross-runner call (A -> B), 64 callers over 1,000 entities";
     if wanted(name) {
-        batches.take();
-        let run = drive(&a, &remote_ids, 64, scale.persisted_many, true).await;
-        report(name, run);
-        batches.report();
+        probes
+            .case(
+                name,
+                &[a_pid, b_pid],
+                drive(&a, &remote_ids, 64, scale.persisted_many, true),
+            )
+            .await;
     }
 
     let mut b = Some(b);
@@ -230,6 +258,29 @@ async fn run(db: &BenchDatabase, scale: &Scale, filter: &str, batches: &BatchSiz
         b.stop(Stop::Term).await;
     }
     a.shutdown().await;
+}
+
+/// What is printed beside each case's figures.
+struct Probes<'a> {
+    db: &'a BenchDatabase,
+    batches: &'a BatchSizes,
+}
+
+impl Probes<'_> {
+    /// Runs one case's `calls` and reports them, with runner A's group-commit
+    /// transactions and the CPU per call of the processes `runners` and of
+    /// their PostgreSQL backends.
+    async fn case(&self, name: &str, runners: &[u32], calls: impl Future<Output = Run>) {
+        self.batches.take();
+        let cpu = CpuMeter::start(runners, self.db.url(), self.db.application_name()).await;
+        let run = calls.await;
+        let count = run.calls;
+        report(name, run);
+        self.batches.report();
+        if let Some(cpu) = cpu.per_call(count).await {
+            println!("  {cpu}");
+        }
+    }
 }
 
 /// The sizes of runner A's group-commit transactions (its

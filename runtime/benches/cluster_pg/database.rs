@@ -6,6 +6,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
 
+use crate::cpu::{TICKS_PER_SECOND, cpu_ticks};
+
 /// The server the bench runs on.
 fn base_url() -> String {
     std::env::var("FLOTILLA_TEST_DATABASE_URL")
@@ -48,15 +50,24 @@ impl BenchDatabase {
             .expect("create the bench schema");
         conn.close().await.expect("close");
         // `options=-c search_path=<schema>`: every connection of every runner
-        // (pools, lock sessions, listeners) works in the schema.
+        // (pools, lock sessions, listeners) works in the schema; the
+        // application name finds their backends (lock sessions name
+        // themselves).
         let separator = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+        let url = format!(
+            "{base}{separator}options=-c%20search_path%3D{schema}&application_name={schema}"
+        );
         Self { schema, url }
     }
 
     /// The URL runners connect with (`search_path` set to the schema).
     pub(crate) fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The `application_name` of the runners' connections (the schema's name).
+    pub(crate) fn application_name(&self) -> &str {
+        &self.schema
     }
 
     /// Times `rounds` commits of one single-row `INSERT` each, and names the
@@ -67,8 +78,13 @@ impl BenchDatabase {
             .execute(&mut conn)
             .await
             .expect("create the probe table");
+        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await
+            .expect("backend pid");
+        let backend = u32::try_from(backend).unwrap_or(0);
+        let cpu_before = cpu_ticks(backend);
         let mut commits = Vec::with_capacity(rounds);
-        let mut round_trips = Vec::with_capacity(rounds);
         for n in 0..rounds {
             let t = Instant::now();
             sqlx::query("INSERT INTO commit_probe (n) VALUES ($1)")
@@ -77,6 +93,16 @@ impl BenchDatabase {
                 .await
                 .expect("probe insert");
             commits.push(t.elapsed().as_secs_f64() * 1_000.0);
+        }
+        let cpu = match (cpu_before, cpu_ticks(backend)) {
+            (Some(before), Some(after)) => format!(
+                ", backend CPU {:.0} us per commit",
+                (after - before) as f64 / TICKS_PER_SECOND * 1e6 / rounds as f64
+            ),
+            _ => String::new(),
+        };
+        let mut round_trips = Vec::with_capacity(rounds);
+        for n in 0..rounds {
             let t = Instant::now();
             sqlx::query("SELECT $1::bigint")
                 .bind(n as i64)
@@ -94,7 +120,7 @@ impl BenchDatabase {
         let version = show(&mut conn, "server_version").await;
         conn.close().await.expect("close");
         format!(
-            "PostgreSQL {version}: commit of a single-row INSERT p50 {:.3} ms, p99 {:.3} ms; \
+            "PostgreSQL {version}: commit of a single-row INSERT p50 {:.3} ms, p99 {:.3} ms{cpu}; \
              round trip (SELECT) p50 {:.3} ms ({rounds} each); fsync={fsync}, \
              synchronous_commit={synchronous_commit} (persisted figures move with these)",
             at(&mut commits, 0.5),

@@ -96,6 +96,11 @@ impl ChildRunner {
         &self.id
     }
 
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
     /// Sends the signal of `how`, without waiting for the exit.
     pub(crate) fn signal(&mut self, how: Stop) {
         match how {
