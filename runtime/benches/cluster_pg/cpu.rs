@@ -2,24 +2,22 @@
 //! that serve them: a figure that moves less with the machine's other load
 //! than latency and throughput do.
 //!
-//! Read from `/proc/<pid>/stat` (Linux; PostgreSQL on this machine). Where
+//! Read from `/proc/<pid>/task/*/schedstat` (Linux; PostgreSQL on this machine). Where
 //! a process cannot be read, the meter says nothing rather than guess.
 
 use std::collections::HashMap;
 
 use sqlx::{Connection, PgConnection};
 
-/// Clock ticks per second of `/proc/<pid>/stat` (Linux's `USER_HZ`).
-pub(crate) const TICKS_PER_SECOND: f64 = 100.0;
-
-/// `utime + stime` of process `pid` in clock ticks, if it can be read.
-pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces), from field 3.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+/// Nanoseconds process `pid` has run on a CPU (every thread of it, from
+/// `/proc/<pid>/task/*/schedstat`), if they can be read.
+pub(crate) fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 /// Measures one case: started before its calls, read after them.
@@ -36,12 +34,12 @@ impl CpuMeter {
     pub(crate) async fn start(runners: &[u32], url: &str, application_name: &str) -> Self {
         let runners = runners
             .iter()
-            .filter_map(|pid| cpu_ticks(*pid).map(|t| (*pid, t)))
+            .filter_map(|pid| cpu_ns(*pid).map(|t| (*pid, t)))
             .collect();
         let backends = backend_pids(url, application_name)
             .await
             .into_iter()
-            .filter_map(|pid| cpu_ticks(pid).map(|t| (pid, t)))
+            .filter_map(|pid| cpu_ns(pid).map(|t| (pid, t)))
             .collect();
         Self {
             runners,
@@ -56,20 +54,20 @@ impl CpuMeter {
     pub(crate) async fn per_call(self, calls: u64) -> Option<String> {
         let mut runners = 0;
         for (pid, before) in &self.runners {
-            runners += cpu_ticks(*pid)?.saturating_sub(*before);
+            runners += cpu_ns(*pid)?.saturating_sub(*before);
         }
         let mut backends = 0;
         // Backends opened during the case count from zero.
         for pid in backend_pids(&self.url, &self.application_name).await {
             let before = self.backends.get(&pid).copied().unwrap_or(0);
-            if let Some(now) = cpu_ticks(pid) {
+            if let Some(now) = cpu_ns(pid) {
                 backends += now.saturating_sub(before);
             }
         }
-        if self.runners.is_empty() || backends == 0 || calls == 0 {
+        if self.runners.is_empty() || calls == 0 {
             return None;
         }
-        let us = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / calls as f64;
+        let us = |ns: u64| ns as f64 / 1e3 / calls as f64;
         Some(format!(
             "CPU per call: runner processes {:.0} us, PostgreSQL backends {:.0} us",
             us(runners),

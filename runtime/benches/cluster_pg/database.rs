@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection};
 
-use crate::cpu::{TICKS_PER_SECOND, cpu_ticks};
+use crate::cpu::cpu_ns;
 
 /// The server the bench runs on.
 fn base_url() -> String {
@@ -83,7 +83,7 @@ impl BenchDatabase {
             .await
             .expect("backend pid");
         let backend = u32::try_from(backend).unwrap_or(0);
-        let cpu_before = cpu_ticks(backend);
+        let cpu_before = cpu_ns(backend);
         let mut commits = Vec::with_capacity(rounds);
         for n in 0..rounds {
             let t = Instant::now();
@@ -94,10 +94,10 @@ impl BenchDatabase {
                 .expect("probe insert");
             commits.push(t.elapsed().as_secs_f64() * 1_000.0);
         }
-        let cpu = match (cpu_before, cpu_ticks(backend)) {
+        let cpu = match (cpu_before, cpu_ns(backend)) {
             (Some(before), Some(after)) => format!(
                 ", backend CPU {:.0} us per commit",
-                (after - before) as f64 / TICKS_PER_SECOND * 1e6 / rounds as f64
+                after.saturating_sub(before) as f64 / 1e3 / rounds as f64
             ),
             _ => String::new(),
         };
