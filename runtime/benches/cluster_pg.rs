@@ -13,8 +13,15 @@
 //! re-runs its own binary as runner B (`FLOTILLA_BENCH_CHILD` set, configured
 //! by `FLOTILLA_*` variables like any deployed runner). Cross-runner cases
 //! call, from A, entities whose shards B owns: one transport hop each way.
-//! Failover kills B and times A until it owns every shard and a call to an
-//! entity of B's former shards succeeds.
+//! Failover stops B (SIGKILL or SIGTERM) and times A until it owns every
+//! shard and has itself answered a call to an entity of B's former shards.
+//!
+//! Beside the figures it prints the PostgreSQL commit latency (as the
+//! single-runner bench prints fsync), runner A's group-commit transaction
+//! sizes, and the CPU time per call of the runners and of their PostgreSQL
+//! backends. `cargo bench ... --bench cluster_pg -- <word>` runs the cases
+//! whose name contains the word. The figures and what makes them are in the
+//! book's Performance page.
 //!
 //! Targets (2-core machine): cross-runner volatile p50 <= 30 us, p99 <= 100
 //! us, >= 100,000 calls/s with 64 callers; persisted on PostgreSQL p50 <= 2
