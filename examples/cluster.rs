@@ -47,7 +47,6 @@ const SENDERS: u64 = 8;
 /// secret store, through `FLOTILLA_SECRET`.
 const SECRET: &str = "cluster-example-secret-not-for-production";
 
-// ANCHOR: entity
 /// A bank account whose balance is saved with every persisted reply.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Account {
@@ -71,7 +70,6 @@ impl Account {
         (self.balance, ctx.runner_id().to_string())
     }
 }
-// ANCHOR_END: entity
 
 #[tokio::main]
 async fn main() -> Fallible {
@@ -287,7 +285,6 @@ async fn check_balances(client: &Cluster, stats: &Stats) -> Fallible<u64> {
     Ok(ACCOUNTS)
 }
 
-// ANCHOR: traffic
 /// Senders that deposit 1 into a random-ish account, and read a balance
 /// every fourth call, until stopped.
 struct Traffic {
@@ -385,7 +382,6 @@ async fn send(client: Cluster, stats: Arc<Stats>, log: Log) -> Fallible {
     }
     Ok(())
 }
-// ANCHOR_END: traffic
 
 /// Prints who owns how many shards, and the calls so far, every second.
 async fn show_ownership(board: Board, stats: Arc<Stats>, log: Log) {
