@@ -404,4 +404,65 @@ mod tests {
         let err = from(&[("FLOTILLA_SHARDS", "0")]).unwrap_err().to_string();
         assert!(err.contains("shards"), "{err}");
     }
+
+    #[test]
+    fn cluster_variables_configure_a_postgres_runner() {
+        let c = from(&[
+            ("FLOTILLA_STORAGE", "postgres://app@db:5432/app"),
+            ("FLOTILLA_TABLE_PREFIX", "orders_"),
+            ("FLOTILLA_LISTEN", "0.0.0.0:7400"),
+            ("FLOTILLA_ADVERTISE", "10.0.0.7:7400"),
+            ("FLOTILLA_SECRET", "a long shared random secret"),
+            ("FLOTILLA_RUNNER_ID", "pod-7"),
+            ("FLOTILLA_RUNNER_WEIGHT", "2"),
+            ("FLOTILLA_FENCE_AFTER", "1s"),
+            ("FLOTILLA_LOCK_TIMEOUT", "3s"),
+            ("FLOTILLA_MEMBERSHIP_POLL", "100ms"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.storage,
+            StorageConfig::Postgres {
+                url: "postgres://app@db:5432/app".into(),
+                prefix: "orders_".into()
+            }
+        );
+        assert_eq!(c.listen, "0.0.0.0:7400".parse().unwrap());
+        assert_eq!(c.advertise, Some("10.0.0.7:7400".parse().unwrap()));
+        assert_eq!(c.runner_id.as_deref(), Some("pod-7"));
+        assert_eq!(c.weight, 2);
+        assert!(c.secret.is_some());
+        assert_eq!(c.fence_after, Duration::from_secs(1));
+        assert_eq!(c.lock_timeout, Duration::from_secs(3));
+        assert_eq!(c.membership_poll, Duration::from_millis(100));
+        assert!(!c.client_only);
+    }
+
+    #[test]
+    fn a_postgres_runner_needs_a_secret_and_a_fence_below_the_lock_timeout() {
+        let url = ("FLOTILLA_STORAGE", "postgres://app@db/app");
+        let err = from(&[url]).unwrap_err().to_string();
+        assert!(err.contains("secret"), "{err}");
+        // A client-only process may do without (it has no link then).
+        assert!(from(&[url, ("FLOTILLA_CLIENT_ONLY", "true")]).is_ok());
+        let secret = ("FLOTILLA_SECRET", "a long shared random secret");
+        let err = from(&[url, secret, ("FLOTILLA_FENCE_AFTER", "5s")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fence_after"), "{err}");
+        // A prefix without PostgreSQL is a mistake worth naming.
+        let err = from(&[("FLOTILLA_TABLE_PREFIX", "x_")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("FLOTILLA_TABLE_PREFIX"), "{err}");
+    }
+
+    #[test]
+    fn a_short_secret_is_refused_without_echoing_it() {
+        let err = from(&[("FLOTILLA_SECRET", "hunter2")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("FLOTILLA_SECRET"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
 }

@@ -70,6 +70,30 @@ pub enum ClusterError<E = Infallible> {
     /// The cluster is shutting down and takes no new work.
     #[error("the cluster is shutting down")]
     ShuttingDown,
+    /// No live runner owned the entity's shard before the call's deadline
+    /// (no runner is up, or the shard was moving). A persisted message stays
+    /// stored and is handled once a runner owns the shard.
+    #[error(
+        "shard {shard} of {entity_type}/{entity_id} has no owner yet; retried until the deadline"
+    )]
+    EntityNotAssigned {
+        /// Entity type name.
+        entity_type: String,
+        /// Entity id.
+        entity_id: String,
+        /// The entity's shard.
+        shard: String,
+    },
+    /// The runner owning the entity could not be reached before the call's
+    /// deadline. A persisted message stays stored and is handled by the
+    /// shard's next owner.
+    #[error("runner {runner} is unavailable: {reason}")]
+    RunnerUnavailable {
+        /// The runner called.
+        runner: String,
+        /// The last transport error.
+        reason: String,
+    },
 }
 
 impl ClusterError<Infallible> {
@@ -99,6 +123,18 @@ impl ClusterError<Infallible> {
             ClusterError::EffectsFailed(m) => ClusterError::EffectsFailed(m),
             ClusterError::Rejected(m) => ClusterError::Rejected(m),
             ClusterError::ShuttingDown => ClusterError::ShuttingDown,
+            ClusterError::EntityNotAssigned {
+                entity_type,
+                entity_id,
+                shard,
+            } => ClusterError::EntityNotAssigned {
+                entity_type,
+                entity_id,
+                shard,
+            },
+            ClusterError::RunnerUnavailable { runner, reason } => {
+                ClusterError::RunnerUnavailable { runner, reason }
+            }
         }
     }
 }
@@ -121,6 +157,8 @@ impl<E> ClusterError<E> {
                 | ClusterError::MailboxFull { .. }
                 | ClusterError::ShuttingDown
                 | ClusterError::Storage(_)
+                | ClusterError::EntityNotAssigned { .. }
+                | ClusterError::RunnerUnavailable { .. }
         )
     }
 }
@@ -293,4 +331,13 @@ pub enum StartError {
     /// Two registered entity types share a name.
     #[error("entity type `{0}` is registered twice")]
     DuplicateEntityType(&'static str),
+    /// The runner transport could not listen on its address.
+    #[error("the runner transport cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address (`listen`, `FLOTILLA_LISTEN`).
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }

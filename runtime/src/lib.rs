@@ -61,7 +61,7 @@ pub mod time;
 pub mod transport;
 
 pub use client::EntityRef;
-pub use cluster::{Cluster, ClusterBuilder};
+pub use cluster::{Cluster, ClusterBuilder, shutdown_signal};
 pub use config::{ClusterConfig, DEFAULT_TABLE_PREFIX, StorageConfig};
 pub use entity::{Entity, EntityContext, EntityOptions, RequestInfo, StageError};
 pub use error::{

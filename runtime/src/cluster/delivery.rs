@@ -3,9 +3,9 @@
 //! dispatched once (`InFlight`) and routes replies to waiting callers
 //! (`ReplyWaiters`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -29,13 +29,48 @@ struct InFlightSets {
     active: HashSet<MessageId>,
     scanning: bool,
     released_during_scan: HashSet<MessageId>,
+    /// Messages completed here recently, oldest first: a late `Deliver`
+    /// for one of them (its sender retried, or raced the resume scan) must
+    /// not run it again.
+    recent: HashSet<MessageId>,
+    recent_order: VecDeque<(Instant, MessageId)>,
 }
 
+/// How long, and how many, completed ids are remembered.
+const RECENT_FOR: Duration = Duration::from_secs(60);
+const RECENT_MAX: usize = 100_000;
+
 impl InFlight {
-    /// Claims `id`; false if it is in flight or completed during the current scan.
+    /// Claims `id`; false if it is in flight, completed during the current
+    /// scan, or completed here recently.
     pub(crate) fn claim(&self, id: MessageId) -> bool {
         let mut sets = lock(&self.0);
-        !sets.released_during_scan.contains(&id) && sets.active.insert(id)
+        !sets.released_during_scan.contains(&id)
+            && !sets.recent.contains(&id)
+            && sets.active.insert(id)
+    }
+
+    /// Whether `id` is being handled here now.
+    pub(crate) fn contains(&self, id: MessageId) -> bool {
+        lock(&self.0).active.contains(&id)
+    }
+
+    /// Releases `id` after its completion was recorded (or found recorded).
+    pub(crate) fn completed(&self, id: MessageId) {
+        let now = Instant::now();
+        let mut sets = lock(&self.0);
+        while let Some((at, old)) = sets.recent_order.front().copied() {
+            if now.duration_since(at) < RECENT_FOR && sets.recent_order.len() < RECENT_MAX {
+                break;
+            }
+            sets.recent_order.pop_front();
+            sets.recent.remove(&old);
+        }
+        if sets.recent.insert(id) {
+            sets.recent_order.push_back((now, id));
+        }
+        drop(sets);
+        self.release(id);
     }
 
     pub(crate) fn release(&self, id: MessageId) {
@@ -93,7 +128,8 @@ pub(crate) struct ReplyWait {
 }
 
 impl ReplyWait {
-    pub(crate) async fn wait(mut self) -> Option<StoredReply> {
+    /// The reply; `None` if the waiters were dropped (shutdown). Cancel safe.
+    pub(crate) async fn wait(&mut self) -> Option<StoredReply> {
         (&mut self.rx).await.ok()
     }
 }
@@ -134,7 +170,13 @@ pub(crate) async fn run(core: Arc<ClusterCore>) {
         } else {
             core.config.safety_poll
         };
-        match core.storage.next_delivery(now, &ShardFilter::All).await {
+        let shards = core.ownership.filter();
+        let next = if matches!(&shards, ShardFilter::Only(s) if s.is_empty()) {
+            Ok(None)
+        } else {
+            core.storage.next_delivery(now, &shards).await
+        };
+        match next {
             Ok(Some(at)) => {
                 wait = wait.min(Duration::from_millis((at - now).max(0) as u64));
             }
@@ -164,6 +206,10 @@ async fn scan(core: &Arc<ClusterCore>) -> bool {
 async fn scan_pages(core: &Arc<ClusterCore>) -> bool {
     let mut after = None;
     let mut retry_soon = false;
+    let shards = core.ownership.filter();
+    if matches!(&shards, ShardFilter::Only(s) if s.is_empty()) {
+        return false; // a cluster member that owns nothing (yet)
+    }
     loop {
         if core.shutdown.is_cancelled() {
             return false;
@@ -172,7 +218,7 @@ async fn scan_pages(core: &Arc<ClusterCore>) -> bool {
             ready_at: now_unix_ms() as i64,
             after,
             limit: SCAN_PAGE,
-            shards: ShardFilter::All,
+            shards: shards.clone(),
         };
         let page = match core.storage.unprocessed(query).await {
             Ok(page) => page,

@@ -2,6 +2,10 @@
 
 mod delivery;
 mod group_commit;
+mod membership;
+mod ownership;
+mod routing;
+mod wire;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -21,10 +25,12 @@ use crate::entity::manager::{EntityManager, StoredDispatch, message_span};
 use crate::error::{ClusterError, StartError};
 use crate::sharding::{EntityAddress, RunnerId};
 use crate::snowflake::{Snowflake, SnowflakeGenerator, now_unix_ms};
-use crate::storage::{MemoryStorage, MessageStorage};
+use crate::storage::{MemoryStorage, MessageStorage, RunnerStorage};
+use crate::transport::{ServerHandle, Transport};
 
-pub(crate) use delivery::{InFlight, ReplyWaiters};
+pub(crate) use delivery::{InFlight, ReplyWait, ReplyWaiters};
 use group_commit::GroupCommit;
+use ownership::Ownership;
 
 /// What every entity manager shares: storage, the writer, ids, shutdown.
 pub(crate) struct Services {
@@ -32,6 +38,12 @@ pub(crate) struct Services {
     pub(crate) runner: RunnerId,
     pub(crate) ids: Arc<SnowflakeGenerator>,
     pub(crate) storage: Arc<dyn MessageStorage>,
+    /// Which shards this runner owns, and where the others are served.
+    pub(crate) ownership: Arc<Ownership>,
+    /// The runner registry and shard locks (clusters only).
+    pub(crate) runners: Option<Arc<dyn RunnerStorage>>,
+    /// The link to other runners (clusters with a secret only).
+    pub(crate) transport: Option<Arc<dyn Transport>>,
     pub(crate) writer: GroupCommit,
     pub(crate) waiters: Arc<ReplyWaiters>,
     pub(crate) in_flight: InFlight,
@@ -54,6 +66,10 @@ pub(crate) struct ClusterCore {
     svc: Arc<Services>,
     types: HashMap<&'static str, RegisteredType>,
     writer_tasks: TaskTracker,
+    /// The runner transport's server (cluster runners only).
+    server: std::sync::Mutex<Option<ServerHandle>>,
+    /// The address the transport listens on.
+    transport_address: Option<std::net::SocketAddr>,
 }
 
 impl Deref for ClusterCore {
@@ -84,19 +100,24 @@ impl ClusterCore {
             .ok_or_else(|| ClusterError::UnknownEntityType(E::NAME.to_owned()))?;
         let info = E::describe(&request);
         if !info.persisted {
+            if self.ownership.is_cluster() {
+                return self
+                    .call_volatile_routed(manager, address, request, timeout)
+                    .await;
+            }
+            // One runner: straight to the mailbox, nothing encoded.
             let span = message_span(address, info.tag, "volatile", None);
             return tokio::time::timeout(timeout, manager.call_volatile(address, request, span))
                 .await
                 .unwrap_or(Err(ClusterError::Timeout(timeout)));
         }
-        let span = message_span(address, info.tag, "persisted", None);
         // A scheduled message's deadline runs from its delivery time.
         let delay = deliver_at
             .and_then(|at| at.duration_since(SystemTime::now()).ok())
             .unwrap_or_default();
         tokio::time::timeout(
-            timeout + delay,
-            manager.call_persisted(address, info, request, deliver_at, span),
+            timeout + delay + Duration::from_millis(50),
+            self.call_persisted_routed(manager, address, request, deliver_at, timeout),
         )
         .await
         .unwrap_or(Err(ClusterError::Timeout(timeout)))
@@ -175,6 +196,24 @@ impl Cluster {
         &self.core.storage
     }
 
+    /// The shards this runner owns now, sorted (every shard on a single
+    /// runner is owned implicitly: empty there).
+    pub fn owned_shards(&self) -> Vec<crate::sharding::ShardId> {
+        self.core.ownership.owned()
+    }
+
+    /// The live runners as last read from storage (this runner alone on a
+    /// single runner).
+    pub fn live_runners(&self) -> Vec<RunnerId> {
+        self.core.ownership.live()
+    }
+
+    /// The address the runner transport listens on (`None` on a single
+    /// runner and in client-only mode).
+    pub fn transport_address(&self) -> Option<std::net::SocketAddr> {
+        self.core.transport_address
+    }
+
     /// Active entities of the type named `entity_type` on this runner.
     pub fn active_entities(&self, entity_type: &str) -> usize {
         self.core
@@ -204,6 +243,26 @@ impl Cluster {
         if !finished {
             tracing::warn!(timeout = ?core.config.shutdown_timeout, "handlers still running at shutdown timeout");
         }
+        if core.ownership.is_cluster() {
+            // Completions of the handlers above are committed: give the
+            // shards up at once, so others take them without waiting for a
+            // lock to expire.
+            core.ownership.clear_owned();
+            if let Some(runners) = &core.runners
+                && core.transport_address.is_some()
+                && let Err(error) = runners.unregister().await
+            {
+                tracing::warn!(%error, "unregistering the runner failed; its locks go with its connection");
+            }
+            let server = core
+                .server
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(server) = server {
+                server.stop(Duration::from_secs(1)).await;
+            }
+        }
         core.writer.close();
         core.writer_tasks.close();
         core.writer_tasks.wait().await;
@@ -217,6 +276,7 @@ impl Cluster {
 pub struct ClusterBuilder {
     config: ClusterConfig,
     storage: Option<Arc<dyn MessageStorage>>,
+    runners: Option<Arc<dyn RunnerStorage>>,
     registrations: Vec<Registration>,
 }
 
@@ -329,6 +389,15 @@ impl ClusterBuilder {
         self
     }
 
+    /// Joins a cluster through a runner registry you opened yourself (for
+    /// example [`MemoryRunners`](crate::storage::MemoryRunners) to run
+    /// several runners in one process in tests). PostgreSQL storage brings
+    /// its own.
+    pub fn runner_storage(mut self, runners: Arc<dyn RunnerStorage>) -> Self {
+        self.runners = Some(runners);
+        self
+    }
+
     /// Uses a storage backend you opened yourself.
     pub fn storage(mut self, storage: Arc<dyn MessageStorage>) -> Self {
         self.storage = Some(storage);
@@ -383,6 +452,8 @@ impl ClusterBuilder {
                 return Err(StartError::DuplicateEntityType(name));
             }
         }
+        #[cfg(feature = "postgres")]
+        let mut postgres_runners: Option<Arc<dyn RunnerStorage>> = None;
         let storage: Arc<dyn MessageStorage> = match (self.storage, &config.storage) {
             (Some(storage), _) => storage,
             (None, StorageConfig::Memory) => Arc::new(MemoryStorage::new()),
@@ -392,7 +463,9 @@ impl ClusterBuilder {
             }
             #[cfg(feature = "postgres")]
             (None, StorageConfig::Postgres { url, prefix }) => {
-                Arc::new(crate::storage::PostgresStorage::connect(url, prefix).await?)
+                let postgres = crate::storage::PostgresStorage::connect(url, prefix).await?;
+                postgres_runners = Some(Arc::new(postgres.runners(config.lock_timeout)));
+                Arc::new(postgres)
             }
             #[cfg(not(feature = "postgres"))]
             (None, StorageConfig::Postgres { .. }) => {
@@ -411,14 +484,101 @@ impl ClusterBuilder {
                 .into());
             }
         };
+        #[cfg(feature = "postgres")]
+        let runners = self.runners.or(postgres_runners);
+        #[cfg(not(feature = "postgres"))]
+        let runners = self.runners;
+        match runners {
+            None => Self::assemble(config, storage, self.registrations, None).await,
+            Some(runners) => {
+                let setup = async {
+                    if config.secret.is_none() && !config.client_only {
+                        return Err(StartError::Config(crate::error::ConfigError::Invalid {
+                            setting: "secret",
+                            reason: "a cluster runner needs the cluster secret (FLOTILLA_SECRET), \
+                                     which authenticates the runner transport"
+                                .to_owned(),
+                        }));
+                    }
+                    let listener = if config.client_only {
+                        None
+                    } else {
+                        let addr = config.listen;
+                        Some(
+                            tokio::net::TcpListener::bind(addr)
+                                .await
+                                .map_err(|source| StartError::Listen { addr, source })?,
+                        )
+                    };
+                    Ok(listener)
+                };
+                match setup.await {
+                    Ok(listener) => {
+                        Self::assemble(
+                            config,
+                            storage,
+                            self.registrations,
+                            Some((runners, listener)),
+                        )
+                        .await
+                    }
+                    Err(error) => {
+                        storage.close().await;
+                        Err(error)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wires services, entity types and background tasks together; with
+    /// `cluster`, also the transport server and the membership task.
+    async fn assemble(
+        config: ClusterConfig,
+        storage: Arc<dyn MessageStorage>,
+        registrations: Vec<Registration>,
+        cluster: Option<(Arc<dyn RunnerStorage>, Option<tokio::net::TcpListener>)>,
+    ) -> Result<Cluster, StartError> {
         let writer_tasks = TaskTracker::new();
         let writer = GroupCommit::start(storage.clone(), config.max_batch, &writer_tasks);
-        let runner = RunnerId::new(format!("local-{}", std::process::id()));
+        let (runner, ownership, runners, listener) = match cluster {
+            None => {
+                let runner = RunnerId::new(format!("local-{}", std::process::id()));
+                (runner.clone(), Ownership::single(runner), None, None)
+            }
+            Some((runners, listener)) => {
+                let runner =
+                    RunnerId::new(config.runner_id.clone().unwrap_or_else(default_runner_id));
+                (
+                    runner.clone(),
+                    Ownership::cluster(runner),
+                    Some(runners),
+                    listener,
+                )
+            }
+        };
+        let transport: Option<Arc<dyn Transport>> = match (&runners, &config.secret) {
+            (Some(_), Some(secret)) => Some(Arc::new(crate::transport::TcpTransport::new(
+                secret.clone(),
+                crate::transport::TransportConfig::default(),
+            ))),
+            _ => None,
+        };
+        let transport_address = match &listener {
+            Some(listener) => Some(listener.local_addr().map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?),
+            None => None,
+        };
         let svc = Arc::new(Services {
             ids: Arc::new(SnowflakeGenerator::new(config.machine_id)),
             config,
             runner,
             storage,
+            ownership: Arc::new(ownership),
+            runners,
+            transport,
             writer,
             waiters: Arc::default(),
             in_flight: InFlight::default(),
@@ -427,8 +587,7 @@ impl ClusterBuilder {
             entity_tasks: TaskTracker::new(),
             tasks: TaskTracker::new(),
         });
-        let types = self
-            .registrations
+        let types = registrations
             .into_iter()
             .map(|(name, make)| (name, make(svc.clone())))
             .collect();
@@ -436,7 +595,23 @@ impl ClusterBuilder {
             svc: svc.clone(),
             types,
             writer_tasks,
+            server: std::sync::Mutex::new(None),
+            transport_address,
         });
+        if let Some(runners) = svc.runners.clone()
+            && let Err(error) = Self::join(&core, runners, listener).await
+        {
+            core.writer.close();
+            core.writer_tasks.close();
+            core.writer_tasks.wait().await;
+            core.storage.close().await;
+            return Err(error);
+        }
+        if core.transport_address.is_none() && core.ownership.is_cluster() {
+            // Client-only: it sends, it does not serve.
+            tracing::info!(runner = %svc.runner, "flotilla client started");
+            return Ok(Cluster { core });
+        }
         svc.tasks.spawn(delivery::run(core.clone()));
         for registered in core.types.values() {
             svc.tasks
@@ -446,6 +621,107 @@ impl ClusterBuilder {
         tracing::info!(runner = %svc.runner, "flotilla cluster started");
         Ok(Cluster { core })
     }
+
+    /// Joins the cluster: listens for signals, starts the transport
+    /// server, registers (runners), runs a first membership round (so the
+    /// routing table is filled when `start` returns) and spawns the
+    /// membership task.
+    async fn join(
+        core: &Arc<ClusterCore>,
+        runners: Arc<dyn RunnerStorage>,
+        listener: Option<tokio::net::TcpListener>,
+    ) -> Result<(), StartError> {
+        let signals = match runners.listen().await {
+            Ok(signals) => Some(signals),
+            Err(error) => {
+                tracing::warn!(%error, "listening for cluster signals failed; relying on polls");
+                None
+            }
+        };
+        let me = match (listener, &core.config.secret) {
+            (Some(listener), Some(secret)) => {
+                let advertised = match core.config.advertise {
+                    Some(addr) => addr,
+                    None => listener.local_addr().map_err(|source| StartError::Listen {
+                        addr: core.config.listen,
+                        source,
+                    })?,
+                };
+                let server = crate::transport::serve(
+                    listener,
+                    secret.clone(),
+                    routing::handler(Arc::downgrade(core)),
+                    crate::transport::TransportConfig::default(),
+                )
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: core.config.listen,
+                    source,
+                })?;
+                *core
+                    .server
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(server);
+                let me = crate::storage::RunnerInfo {
+                    id: core.runner.clone(),
+                    address: advertised,
+                    weight: core.config.weight,
+                    groups: Vec::new(),
+                };
+                runners.register(&me).await?;
+                Some(me)
+            }
+            _ => None,
+        };
+        let mut membership = membership::Membership::new(core.clone(), runners, me);
+        membership.round().await;
+        core.tasks.spawn(membership.run(signals));
+        Ok(())
+    }
+}
+
+/// Resolves when the process is asked to stop: SIGTERM (what Kubernetes and
+/// systemd send) or Ctrl-C. Serve until it, then call
+/// [`Cluster::shutdown`] so the runner hands its shards over at once.
+///
+/// ```no_run
+/// # async fn run(cluster: flotilla::Cluster) {
+/// flotilla::shutdown_signal().await;
+/// cluster.shutdown().await;
+/// # }
+/// ```
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGTERM; waiting for Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `<hostname>-<pid>`: unique per process on a host, readable in logs.
+fn default_runner_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "runner".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Passivates idle entities of one type. It runs every quarter of `max_idle`

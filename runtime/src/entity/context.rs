@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::sharding::{EntityAddress, RunnerId, ShardId};
 use crate::snowflake::{Snowflake, SnowflakeGenerator};
-use crate::storage::{MessageId, Statement};
+use crate::storage::{Epoch, MessageId, Statement};
 
 /// Handed to a handler that declares an `&EntityContext` argument.
 ///
@@ -27,6 +27,7 @@ pub struct EntityContext {
     address: EntityAddress,
     runner: RunnerId,
     message: Option<MessageId>,
+    epoch: Option<Epoch>,
     ids: Arc<SnowflakeGenerator>,
     staged: Option<Mutex<Vec<Statement>>>,
 }
@@ -45,6 +46,7 @@ impl EntityContext {
         address: EntityAddress,
         runner: RunnerId,
         message: Option<MessageId>,
+        epoch: Option<Epoch>,
         ids: Arc<SnowflakeGenerator>,
     ) -> Self {
         let staged = message.map(|_| Mutex::new(Vec::new()));
@@ -52,6 +54,7 @@ impl EntityContext {
             address,
             runner,
             message,
+            epoch,
             ids,
             staged,
         }
@@ -85,6 +88,14 @@ impl EntityContext {
     /// The id of the persisted message being handled; `None` for a volatile one.
     pub fn message_id(&self) -> Option<MessageId> {
         self.message
+    }
+
+    /// The ownership epoch of the entity's shard on this runner: bumped each
+    /// time a runner acquires the shard, and checked by storage on every
+    /// completion. `None` on a single runner (SQLite, memory), which owns
+    /// every shard.
+    pub fn epoch(&self) -> Option<Epoch> {
+        self.epoch
     }
 
     /// A new cluster-unique, time-ordered id.

@@ -2,7 +2,7 @@
 //! passivation, panic isolation and persisted completion.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -11,15 +11,16 @@ use futures::FutureExt;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
+use crate::cluster::ReplyWait;
 use crate::cluster::Services;
 use crate::codec;
 use crate::entity::mailbox::{Mailbox, SendError};
 use crate::entity::{Entity, EntityContext, EntityOptions, RequestInfo};
 use crate::error::ClusterError;
-use crate::sharding::EntityAddress;
+use crate::sharding::{DEFAULT_GROUP, EntityAddress, ShardId};
 use crate::snowflake::now_unix_ms;
 use crate::storage::{
-    Completion, CompletionOutcome, EntityState, Headers, MessageId, MessageKey, NewMessage,
+    Completion, CompletionOutcome, EntityState, Fence, Headers, MessageId, MessageKey, NewMessage,
     SaveOutcome, StoredMessage, StoredReply,
 };
 
@@ -57,7 +58,23 @@ pub(crate) trait StoredDispatch: Send + Sync {
     fn passivate_idle(&self);
     /// The type's `max_idle`.
     fn max_idle(&self) -> std::time::Duration;
+    /// Stops the entities of `shards` once their current handler returns
+    /// (the shards are moving away, or their locks were lost).
+    fn stop_shards(&self, shards: &HashSet<ShardId>);
+    /// Active entities in `shards`.
+    fn active_in(&self, shards: &HashSet<ShardId>) -> usize;
+    /// A volatile call from another runner: decodes the request, runs it,
+    /// encodes the reply.
+    fn call_volatile_encoded(
+        &self,
+        address: EntityAddress,
+        payload: Vec<u8>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, ClusterError>>;
 }
+
+/// The entity's shard is not owned by this runner (any more).
+#[derive(Debug)]
+pub(crate) struct NotOwned;
 
 /// Cached metric handles of one entity type.
 struct TypeMetrics {
@@ -101,13 +118,19 @@ impl<E: Entity> EntityManager<E> {
     }
 
     /// The mailbox of the entity at `address`, activating it if needed.
-    fn mailbox(self: &Arc<Self>, address: &EntityAddress) -> Arc<Mailbox<Mail<E>>> {
+    /// Activation needs this runner to own the entity's shard; the entity
+    /// keeps the shard's fence for every completion it writes.
+    fn mailbox(
+        self: &Arc<Self>,
+        address: &EntityAddress,
+    ) -> Result<Arc<Mailbox<Mail<E>>>, NotOwned> {
         let mut entities = lock(&self.entities);
         if let Some(mailbox) = entities.get(&address.entity_id)
             && !mailbox.is_closed()
         {
-            return mailbox.clone();
+            return Ok(mailbox.clone());
         }
+        let fence = self.svc.ownership.fence(&address.shard).ok_or(NotOwned)?;
         let tx = Arc::new(Mailbox::new(self.options.mailbox));
         let rx = tx.clone();
         if self.svc.shutdown.is_cancelled() {
@@ -120,10 +143,10 @@ impl<E: Entity> EntityManager<E> {
         let address = address.clone();
         let active = self.metrics.active.clone();
         self.svc.entity_tasks.spawn(async move {
-            manager.run_entity(address, rx).await;
+            manager.run_entity(address, fence, rx).await;
             active.decrement(1.0);
         });
-        tx
+        Ok(tx)
     }
 
     /// A volatile call: straight to the mailbox, no serialization.
@@ -140,8 +163,11 @@ impl<E: Entity> EntityManager<E> {
             span,
         });
         loop {
+            let mailbox = self
+                .mailbox(address)
+                .map_err(|NotOwned| not_assigned(address))?;
             self.metrics.mailbox_depth.increment(1.0);
-            match self.mailbox(address).try_send(envelope) {
+            match mailbox.try_send(envelope) {
                 Ok(()) => break,
                 Err(SendError::Full(_)) => {
                     self.metrics.mailbox_depth.decrement(1.0);
@@ -161,15 +187,16 @@ impl<E: Entity> EntityManager<E> {
         wait.await.unwrap_or(Err(ClusterError::ShuttingDown))
     }
 
-    /// A persisted call: store, dispatch, wait for the recorded reply.
-    pub(crate) async fn call_persisted(
+    /// The first half of a persisted call: stores the message (or finds the
+    /// stored one with the same key) and registers this caller's wait for
+    /// its reply. The cluster then routes it to the shard's owner.
+    pub(crate) async fn store(
         self: &Arc<Self>,
         address: &EntityAddress,
         info: RequestInfo,
         request: E::Request,
         deliver_at: Option<SystemTime>,
-        span: tracing::Span,
-    ) -> Result<E::Reply, ClusterError> {
+    ) -> Result<Stored<E>, ClusterError> {
         let svc = &self.svc;
         let payload = codec::encode("request", &request)?;
         if payload.len() > svc.config.max_payload_bytes {
@@ -186,9 +213,6 @@ impl<E: Entity> EntityManager<E> {
             .as_deref()
             .map(|pk| MessageKey::new(E::NAME, &address.entity_id, info.tag, pk));
         let wait = svc.waiters.register(id);
-        // Claimed before it is stored, so the delivery scan cannot dispatch
-        // it while this caller does.
-        let claim = InFlightClaim::new(svc, id);
         let message = NewMessage {
             id,
             address: address.clone(),
@@ -199,23 +223,20 @@ impl<E: Entity> EntityManager<E> {
             deliver_at,
             created_at: now,
         };
-        match svc.writer.save(message).await? {
-            SaveOutcome::Saved => {
-                match claim {
-                    Some(claim) if deliver_at.is_none() => {
-                        self.dispatch_persisted(address, claim, request, span).await;
-                    }
-                    claim => {
-                        // Scheduled: the delivery timer dispatches it.
-                        drop(claim);
-                        svc.wake_delivery.notify_one();
-                    }
-                }
-                decode_reply::<E>(wait.wait().await.ok_or(ClusterError::ShuttingDown)?)
-            }
+        match svc.writer.save(message.clone()).await? {
+            SaveOutcome::Saved => Ok(Stored::Pending(Pending {
+                id,
+                message: Some(message),
+                request: if deliver_at.is_none() {
+                    Some(request)
+                } else {
+                    None
+                },
+                wait,
+            })),
             SaveOutcome::Duplicate {
                 reply: Some(reply), ..
-            } => decode_reply::<E>(reply),
+            } => Ok(Stored::Replied(reply)),
             SaveOutcome::Duplicate {
                 id: existing,
                 reply: None,
@@ -224,35 +245,46 @@ impl<E: Entity> EntityManager<E> {
                 let wait = svc.waiters.register(existing);
                 // The reply may have been recorded between the save and the registration.
                 if let Some(reply) = svc.storage.reply(existing).await? {
-                    return decode_reply::<E>(reply);
+                    return Ok(Stored::Replied(reply));
                 }
-                decode_reply::<E>(wait.wait().await.ok_or(ClusterError::ShuttingDown)?)
+                Ok(Stored::Pending(Pending {
+                    id: existing,
+                    message: None,
+                    request: None,
+                    wait,
+                }))
             }
         }
     }
 
-    /// Hands a just-stored message to its entity. It is never refused for a
-    /// full mailbox: it is stored, and this caller adds at most one.
-    async fn dispatch_persisted(
+    /// Hands a just-stored message to its entity on this runner. It is
+    /// never refused for a full mailbox: it is stored, and this caller adds
+    /// at most one. Fails when this runner does not own the shard (any
+    /// more); the message stays stored for the owner.
+    pub(crate) fn dispatch_new(
         self: &Arc<Self>,
         address: &EntityAddress,
-        claim: InFlightClaim<'_>,
+        id: MessageId,
         request: E::Request,
         span: tracing::Span,
-    ) {
-        let id = claim.id;
+    ) -> Result<(), NotOwned> {
+        // Claimed before dispatch so the delivery scan cannot dispatch it too.
+        let Some(claim) = InFlightClaim::new(&self.svc, id) else {
+            return Ok(()); // already under way (the scan or a deliver got it first)
+        };
         let mut envelope = Box::new(Envelope::Persisted { id, request, span });
         loop {
+            let mailbox = self.mailbox(address)?;
             self.metrics.mailbox_depth.increment(1.0);
-            match self.mailbox(address).send_stored(envelope) {
+            match mailbox.send_stored(envelope) {
                 Ok(()) => {
                     claim.keep();
-                    return;
+                    return Ok(());
                 }
                 Err(SendError::Closed(returned) | SendError::Full(returned)) => {
                     self.metrics.mailbox_depth.decrement(1.0);
                     if self.svc.shutdown.is_cancelled() {
-                        return;
+                        return Ok(());
                     }
                     envelope = returned;
                 }
@@ -275,18 +307,29 @@ impl<E: Entity> EntityManager<E> {
         Ok(E::create(ctx))
     }
 
-    fn context(&self, address: &EntityAddress, message: Option<MessageId>) -> EntityContext {
+    fn context(
+        &self,
+        address: &EntityAddress,
+        message: Option<MessageId>,
+        fence: &Option<Fence>,
+    ) -> EntityContext {
         EntityContext::new(
             address.clone(),
             self.svc.runner.clone(),
             message,
+            fence.as_ref().map(|f| f.epoch),
             self.svc.ids.clone(),
         )
     }
 
     /// The entity's task: one message at a time until idle, shutdown or failure.
-    async fn run_entity(self: Arc<Self>, address: EntityAddress, rx: Arc<Mailbox<Mail<E>>>) {
-        let mut instance = match Box::pin(self.load(&self.context(&address, None))).await {
+    async fn run_entity(
+        self: Arc<Self>,
+        address: EntityAddress,
+        fence: Option<Fence>,
+        rx: Arc<Mailbox<Mail<E>>>,
+    ) {
+        let mut instance = match Box::pin(self.load(&self.context(&address, None, &fence))).await {
             Ok(instance) => instance,
             Err(error) => return self.give_up(&address, &rx, &error),
         };
@@ -294,12 +337,12 @@ impl<E: Entity> EntityManager<E> {
         // the mailbox, and `recv` returns `None`. No timer per entity.
         while let Some(envelope) = rx.recv().await {
             self.metrics.mailbox_depth.decrement(1.0);
-            let healthy = Box::pin(self.handle(&address, &mut instance, *envelope)).await;
+            let healthy = Box::pin(self.handle(&address, &fence, &mut instance, *envelope)).await;
             rx.done();
             if !healthy {
                 // A panic, or a completion that was not recorded: the in-memory
                 // state may differ from what is stored. Start again from storage.
-                match Box::pin(self.load(&self.context(&address, None))).await {
+                match Box::pin(self.load(&self.context(&address, None, &fence))).await {
                     Ok(fresh) => instance = fresh,
                     Err(error) => return self.give_up(&address, &rx, &error),
                 }
@@ -335,6 +378,7 @@ impl<E: Entity> EntityManager<E> {
     async fn handle(
         &self,
         address: &EntityAddress,
+        fence: &Option<Fence>,
         instance: &mut E,
         envelope: Envelope<E>,
     ) -> bool {
@@ -347,7 +391,7 @@ impl<E: Entity> EntityManager<E> {
                 if reply.is_closed() {
                     return true; // the caller gave up before the entity got to it
                 }
-                let ctx = self.context(address, None);
+                let ctx = self.context(address, None, fence);
                 let started = Instant::now();
                 let result = AssertUnwindSafe(instance.handle(&ctx, request))
                     .catch_unwind()
@@ -372,7 +416,7 @@ impl<E: Entity> EntityManager<E> {
                 }
             }
             Envelope::Persisted { id, request, span } => {
-                let ctx = self.context(address, Some(id));
+                let ctx = self.context(address, Some(id), fence);
                 let started = Instant::now();
                 let result = AssertUnwindSafe(instance.handle(&ctx, request))
                     .catch_unwind()
@@ -426,8 +470,9 @@ impl<E: Entity> EntityManager<E> {
                     reply: reply.clone(),
                     state,
                     effects,
-                    fence: None,
+                    fence: fence.clone(),
                 };
+                let mut recorded = true;
                 match self.svc.writer.complete(completion).await {
                     Ok(CompletionOutcome::Recorded) => self.svc.waiters.complete(id, &reply),
                     Ok(CompletionOutcome::EffectsFailed(message)) => {
@@ -445,16 +490,22 @@ impl<E: Entity> EntityManager<E> {
                     Ok(CompletionOutcome::Fenced { stale, current }) => {
                         // This runner lost the shard: the new owner runs it.
                         healthy = false;
+                        recorded = false;
                         tracing::warn!(parent: &span, %address, %stale, ?current, "completion fenced: the shard has a newer owner");
                     }
                     Err(error) => {
                         // Nothing was recorded: the message stays stored and the
                         // delivery loop runs it again.
                         healthy = false;
+                        recorded = false;
                         tracing::warn!(parent: &span, %address, %error, "completion not recorded; message will be retried");
                     }
                 }
-                self.svc.in_flight.release(id);
+                if recorded {
+                    self.svc.in_flight.completed(id);
+                } else {
+                    self.svc.in_flight.release(id);
+                }
                 healthy
             }
         }
@@ -509,6 +560,10 @@ impl<E: Entity> EntityManager<E> {
 impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
     fn dispatch_stored(&self, message: StoredMessage) -> bool {
         let manager = self;
+        // Not owned (any more): it stays stored for the shard's owner.
+        let Some(fence) = self.svc.ownership.fence(&message.address.shard) else {
+            return true;
+        };
         let Some(claim) = InFlightClaim::new(&self.svc, message.id) else {
             return true;
         };
@@ -535,7 +590,7 @@ impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
                         reply: reply.clone(),
                         state: None,
                         effects: Vec::new(),
-                        fence: None,
+                        fence,
                     };
                     if let Ok(CompletionOutcome::Recorded) = svc.writer.complete(completion).await {
                         svc.waiters.complete(id, &reply);
@@ -551,8 +606,11 @@ impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
             span,
         });
         loop {
+            let Ok(mailbox) = manager.mailbox(&message.address) else {
+                return true; // the shard moved away since the check above
+            };
             manager.metrics.mailbox_depth.increment(1.0);
-            match manager.mailbox(&message.address).try_send(envelope) {
+            match mailbox.try_send(envelope) {
                 Ok(()) => {
                     claim.keep();
                     return true;
@@ -567,6 +625,44 @@ impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
                 }
             }
         }
+    }
+
+    fn stop_shards(&self, shards: &HashSet<ShardId>) {
+        let count = self.svc.config.shards;
+        for (id, mailbox) in lock(&self.entities).iter() {
+            if shards.contains(&ShardId::for_entity(DEFAULT_GROUP, id, count)) {
+                mailbox.stop();
+            }
+        }
+    }
+
+    fn active_in(&self, shards: &HashSet<ShardId>) -> usize {
+        let count = self.svc.config.shards;
+        lock(&self.entities)
+            .keys()
+            .filter(|id| shards.contains(&ShardId::for_entity(DEFAULT_GROUP, id, count)))
+            .count()
+    }
+
+    fn call_volatile_encoded(
+        &self,
+        address: EntityAddress,
+        payload: Vec<u8>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, ClusterError>> {
+        let manager = self.clone();
+        Box::pin(async move {
+            let request = codec::decode::<E::Request>("request", &payload)?;
+            let info = E::describe(&request);
+            if info.persisted {
+                return Err(ClusterError::Rejected(format!(
+                    "rpc `{}` is persisted; it cannot be called as a volatile call",
+                    info.tag
+                )));
+            }
+            let span = message_span(&address, info.tag, "volatile", None);
+            let reply = manager.call_volatile(&address, request, span).await?;
+            Ok(codec::encode("reply", &reply)?)
+        })
     }
 
     fn active(&self) -> usize {
@@ -633,7 +729,38 @@ impl Drop for InFlightClaim<'_> {
     }
 }
 
-fn decode_reply<E: Entity>(reply: StoredReply) -> Result<E::Reply, ClusterError> {
+/// The outcome of [`EntityManager::store`].
+pub(crate) enum Stored<E: Entity> {
+    /// A message with the same key was processed already: its reply.
+    Replied(StoredReply),
+    /// Stored (or attached to the stored one with the same key): waiting.
+    Pending(Pending<E>),
+}
+
+/// A stored message whose reply a caller waits for.
+pub(crate) struct Pending<E: Entity> {
+    /// The message id (of the earlier message, for a duplicate key).
+    pub(crate) id: MessageId,
+    /// The message, when this caller stored it.
+    pub(crate) message: Option<StoredMessage>,
+    /// The request, when this caller stored it and it is due now: the
+    /// owner-is-local path hands it over without decoding.
+    pub(crate) request: Option<E::Request>,
+    /// This caller's registration for the reply.
+    pub(crate) wait: ReplyWait,
+}
+
+/// The error of a call whose shard this runner does not own.
+pub(crate) fn not_assigned(address: &EntityAddress) -> ClusterError {
+    ClusterError::EntityNotAssigned {
+        entity_type: address.entity_type.to_string(),
+        entity_id: address.entity_id.to_string(),
+        shard: address.shard.to_string(),
+    }
+}
+
+/// Decodes a recorded reply into the rpc's reply enum.
+pub(crate) fn decode_reply<E: Entity>(reply: StoredReply) -> Result<E::Reply, ClusterError> {
     match reply {
         StoredReply::Ok(bytes) => Ok(codec::decode("reply", &bytes)?),
         StoredReply::Panicked(message) => Err(ClusterError::HandlerPanicked(message)),

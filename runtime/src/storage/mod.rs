@@ -13,6 +13,7 @@
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod columns;
 mod memory;
+mod memory_runners;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod runners;
@@ -25,6 +26,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 pub use memory::MemoryStorage;
+pub use memory_runners::MemoryRunners;
 #[cfg(feature = "postgres")]
 pub use postgres::{DEFAULT_PREFIX, PostgresStorage};
 pub use runners::{Epoch, Fence, RunnerInfo, RunnerStorage, Signal};

@@ -28,7 +28,7 @@
 
 mod client;
 mod error;
-mod frame;
+pub(crate) mod frame;
 mod handshake;
 mod server;
 
