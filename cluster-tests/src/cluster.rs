@@ -89,6 +89,8 @@ pub struct TestCluster {
     settings: ClusterSettings,
     binary: PathBuf,
     tag: String,
+    /// Runners started so far (the next one's index).
+    started: usize,
 }
 
 fn millis(d: Duration) -> String {
@@ -123,6 +125,7 @@ impl TestCluster {
             ),
             settings,
             binary: binary.into(),
+            started: 0,
         };
         let mut starting = Vec::new();
         for _ in 0..cluster.settings.runners {
@@ -135,8 +138,9 @@ impl TestCluster {
         Ok(cluster)
     }
 
-    fn next_spec(&self) -> RunnerSpec {
-        let index = self.runners.len();
+    fn next_spec(&mut self) -> RunnerSpec {
+        let index = self.started;
+        self.started += 1;
         let id = format!("r{index}-{}", self.tag);
         let s = &self.settings;
         let mut env: Vec<(String, String)> = vec![

@@ -79,7 +79,8 @@ pub struct Placement {
 pub struct Work {
     /// Milliseconds to sleep before staging the audit row (a slow handler).
     pub sleep_ms: u64,
-    /// Print `STARTED <key> <runner> <epoch>` on stdout when the handler
+    /// Print `STARTED <key> <runner> <epoch> <message id> <started at µs>`
+    /// on stdout when the handler
     /// starts, so the harness can count handler runs (not only commits).
     pub announce: bool,
 }
@@ -172,20 +173,20 @@ impl Probe {
     ) -> Result<Receipt, ProbeError> {
         let started_at_us = unix_micros();
         let placement = placement(ctx);
+        let message_id = ctx.message_id().map(|id| id.0);
         if work.announce {
+            let or_dash = |v: Option<i64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
             announce(&format!(
-                "STARTED {key} {} {}",
+                "STARTED {key} {} {} {} {started_at_us}",
                 placement.runner_id,
-                placement
-                    .epoch
-                    .map_or_else(|| "-".to_owned(), |e| e.to_string())
+                or_dash(placement.epoch),
+                or_dash(message_id),
             ));
         }
         if work.sleep_ms > 0 {
             tokio::time::sleep(Duration::from_millis(work.sleep_ms)).await;
         }
         let table = AUDIT_TABLE.as_deref().ok_or(ProbeError::BadAuditTable)?;
-        let message_id = ctx.message_id().map(|id| id.0);
         ctx.stage(
             Statement::new(format!(
                 "INSERT INTO {table} \

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use serde::de::IgnoredAny;
+
 use flotilla::prelude::*;
 use flotilla::transport::{ClusterSecret, Request, TcpTransport, TransportConfig, TransportError};
 use flotilla_cluster_tests::{
@@ -105,7 +107,7 @@ async fn sigkill_of_a_runner_owning_half_the_shards_loses_no_persisted_message()
             client.clone(),
             messages,
             64,
-            Work::QUICK,
+            Work::ANNOUNCED,
             done.clone(),
             Duration::from_secs(90),
         ));
@@ -144,6 +146,18 @@ async fn sigkill_of_a_runner_owning_half_the_shards_loses_no_persisted_message()
         assert_eq!(sent.receipts.len(), MESSAGES);
         assert_exactly_once(&cluster.audit_counts().await.unwrap(), &keys);
         assert_eq!(cluster.db().unprocessed(TEST_PREFIX).await.unwrap(), 0);
+        let rerun = handler_runs(&cluster, "k2-")
+            .values()
+            .filter(|n| **n > 1)
+            .count();
+        eprintln!("scenario 2: handlers run again after the kill: {rerun}");
+        let repeated = runs_repeated_under_one_owner(&cluster, "k2-");
+        assert!(
+            repeated.is_empty(),
+            "{} messages ran more than once on one runner under one epoch, e.g. {:?}",
+            repeated.len(),
+            repeated.first()
+        );
         assert!(
             failover < Duration::from_secs(5),
             "the survivor owned every shard only {failover:?} after the kill"
@@ -182,7 +196,11 @@ async fn a_terminated_lock_connection_fences_the_slow_handler_and_the_message_ru
             })
             .await
             .unwrap();
-        assert!(started.ends_with(&format!(" {old_epoch}")), "{started}");
+        assert_eq!(
+            started.split_whitespace().nth(3),
+            Some(old_epoch.to_string().as_str()),
+            "k3 starts on A under its epoch: {started}"
+        );
 
         let lock_pid = cluster
             .db()
@@ -311,6 +329,19 @@ async fn a_runner_frozen_past_its_lock_timeout_commits_nothing_for_the_shards_it
             stale.is_empty(),
             "A committed under epochs it lost: {stale:?}"
         );
+        // A was frozen mid-handler (1.5 s handlers, frozen right after they
+        // started): every message was recorded by a later owner.
+        let old_epoch_rows: Vec<_> = cluster
+            .audit_rows()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.epoch <= Some(epochs[&(r.shard_index as u32)].epoch))
+            .collect();
+        assert!(
+            old_epoch_rows.is_empty(),
+            "recorded under the epoch A held when it froze: {old_epoch_rows:?}"
+        );
 
         assert!(cluster.runner_mut(0).is_alive(), "A survives being frozen");
         cluster.wait_balanced(&ids, SETTLE).await.unwrap();
@@ -382,7 +413,12 @@ async fn sigterm_under_load_redelivers_nothing_and_hands_the_shards_over_at_once
         assert_exactly_once(&cluster.audit_counts().await.unwrap(), &keys);
         let runs = handler_runs(&cluster, "k5-");
         let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "handlers ran more than once: {twice:?}");
+        assert!(
+            twice.is_empty(),
+            "{} handlers ran more than once: {twice:?}; e.g. {:?}",
+            twice.len(),
+            twice.first().map(|(k, _)| started_lines(&cluster, k))
+        );
         assert_eq!(runs.len(), MESSAGES, "every message's handler ran");
         assert!(
             handover < Duration::from_secs(2),
@@ -664,7 +700,9 @@ async fn bad_input_gets_a_typed_error_or_a_closed_connection_and_the_runner_serv
         }
         still_serving(&mut cluster, &client, &mut rounds, "an unknown entity type").await;
 
-        // Garbage request bodies from an authenticated peer: a typed error back.
+        // Garbage request bodies from an authenticated peer: a typed error
+        // back, either from the transport or as the runner protocol's
+        // `Failed` reply (a MessagePack map with the one key `Failed`).
         let insider = TcpTransport::new(
             ClusterSecret::new(TEST_SECRET).unwrap(),
             TransportConfig::default(),
@@ -677,10 +715,13 @@ async fn bad_input_gets_a_typed_error_or_a_closed_connection_and_the_runner_serv
             let answer = insider
                 .call(addr, Request::new(body.clone()), Duration::from_secs(5))
                 .await;
-            assert!(
-                matches!(answer, Err(TransportError::Remote(_))),
-                "body {body:?}: {answer:?}"
-            );
+            let typed = match &answer {
+                Err(TransportError::Remote(_)) => true,
+                Ok(reply) => rmp_serde::from_slice::<BTreeMap<String, IgnoredAny>>(reply)
+                    .is_ok_and(|map| map.keys().eq(["Failed"])),
+                Err(_) => false,
+            };
+            assert!(typed, "body {body:?}: {answer:?}");
         }
         still_serving(&mut cluster, &client, &mut rounds, "garbage request bodies").await;
 

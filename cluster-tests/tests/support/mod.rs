@@ -197,3 +197,38 @@ pub fn handler_runs(cluster: &TestCluster, prefix: &str) -> BTreeMap<String, usi
     }
     runs
 }
+
+/// Every `STARTED <key> ...` line for `key`, for diagnostics.
+pub fn started_lines(cluster: &TestCluster, key: &str) -> Vec<String> {
+    let prefix = format!("STARTED {key} ");
+    cluster
+        .runners()
+        .iter()
+        .flat_map(|r| r.stdout_lines())
+        .filter(|l| l.starts_with(&prefix))
+        .collect()
+}
+
+/// Keys whose handler started more than once on the same runner under the
+/// same epoch (a double dispatch: a re-run is only allowed after the
+/// ownership moved), with their `STARTED` lines.
+pub fn runs_repeated_under_one_owner(cluster: &TestCluster, prefix: &str) -> Vec<Vec<String>> {
+    let mut by_owner: BTreeMap<(String, String, String), Vec<String>> = BTreeMap::new();
+    for runner in cluster.runners() {
+        for line in runner.stdout_lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let ["STARTED", key, runner, epoch, ..] = words.as_slice()
+                && key.starts_with(prefix)
+            {
+                by_owner
+                    .entry((key.to_string(), runner.to_string(), epoch.to_string()))
+                    .or_default()
+                    .push(line.clone());
+            }
+        }
+    }
+    by_owner
+        .into_values()
+        .filter(|lines| lines.len() > 1)
+        .collect()
+}
