@@ -298,6 +298,13 @@ impl Runner {
         })
     }
 
+    /// Closes its stdin, as the death of the test process would: a runner
+    /// started by the harness then exits by itself (code 3), so none
+    /// outlives a test process that was killed.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
     /// Whether the current incarnation is still running (a stopped process
     /// counts as running).
     pub fn is_alive(&mut self) -> bool {

@@ -99,3 +99,13 @@ async fn a_runner_that_cannot_start_is_reported_with_its_log() {
         other => panic!("expected NotReady, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_exits_by_itself_when_its_test_process_goes_away() {
+    let _one_at_a_time = exclusive().await;
+    let mut cluster = start(ClusterSettings::with_runners(1)).await;
+    let runner = cluster.runner_mut(0);
+    runner.close_stdin();
+    let status = runner.wait_exit(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(status.code(), Some(3), "{status}");
+}

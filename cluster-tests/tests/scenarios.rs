@@ -343,6 +343,13 @@ async fn a_runner_frozen_past_its_lock_timeout_commits_nothing_for_the_shards_it
             "recorded under the epoch A held when it froze: {old_epoch_rows:?}"
         );
 
+        let log = std::fs::read_to_string(cluster.runner(0).log_path()).unwrap_or_default();
+        let fenced: Vec<&str> = log.lines().filter(|l| l.contains("fenced")).collect();
+        eprintln!(
+            "scenario 4: {} lines of {a}'s log mention fencing after SIGCONT, e.g. {:?}",
+            fenced.len(),
+            fenced.first()
+        );
         assert!(cluster.runner_mut(0).is_alive(), "A survives being frozen");
         cluster.wait_balanced(&ids, SETTLE).await.unwrap();
         client.shutdown().await;
