@@ -29,6 +29,8 @@
 //! # drop(receipt); Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod cluster;
 mod db;
 mod entities;
