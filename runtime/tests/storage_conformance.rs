@@ -20,6 +20,9 @@ mod postgres_db;
 #[cfg(feature = "postgres")]
 #[path = "storage_conformance/postgres_only.rs"]
 mod postgres_only;
+#[cfg(feature = "postgres")]
+#[path = "storage_conformance/postgres_runners.rs"]
+mod postgres_runners;
 #[path = "storage_conformance/scenarios.rs"]
 mod scenarios;
 #[path = "storage_conformance/sqlite_effects.rs"]
@@ -89,6 +92,7 @@ conformance! {
         the_same_message_completed_twice_in_one_batch_is_recorded_once,
         the_last_completion_of_an_entity_in_a_batch_leaves_its_state,
         large_batches_keep_every_outcome_in_order,
+        a_shard_filter_limits_unprocessed_and_next_delivery,
     ],
     fixture_scenarios: [
         effects_commit_with_their_completion,

@@ -251,7 +251,12 @@ impl Membership {
                         tracing::debug!(%error, "signalling the release failed");
                     }
                 }
-                Err(error) => tracing::warn!(%error, "releasing shards failed"),
+                Err(error) => {
+                    // The lock connection failed: every lock may be gone.
+                    tracing::warn!(%error, "releasing shards failed");
+                    self.fence("the lock connection failed while releasing shards");
+                    return;
+                }
             }
         }
         let mut wanted: Vec<ShardId> = desired.difference(&owned).cloned().collect();
@@ -267,7 +272,10 @@ impl Membership {
                 core.wake_delivery.notify_one();
             }
             Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "acquiring shards failed"),
+            Err(error) => {
+                tracing::warn!(%error, "acquiring shards failed");
+                self.fence("the lock connection failed while acquiring shards");
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 pub use memory::MemoryStorage;
 pub use memory_runners::MemoryRunners;
 #[cfg(feature = "postgres")]
-pub use postgres::{DEFAULT_PREFIX, PostgresStorage};
+pub use postgres::{DEFAULT_PREFIX, PostgresRunners, PostgresStorage};
 pub use runners::{Epoch, Fence, RunnerInfo, RunnerStorage, Signal};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStorage;

@@ -13,7 +13,7 @@ use super::fixtures::*;
 use super::postgres_db::{TestSchema, database_url};
 
 /// The number of migrations this build ships.
-const MIGRATIONS: i64 = 2;
+const MIGRATIONS: i64 = 3;
 
 async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(AssertSqlSafe(sql.to_owned()))
@@ -136,7 +136,15 @@ async fn runners_connecting_at_once_both_succeed_with_one_set_of_tables() {
         ),
     )
     .await;
-    assert_eq!(tables, 3, "messages, entity_state and migrations");
+    assert_eq!(
+        tables, 6,
+        "messages, entity_state, migrations, cluster, runners and shards"
+    );
+    // Migrated once: one lock namespace for the cluster.
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM flotilla_cluster").await,
+        1
+    );
     // Both write to the same tables.
     save(&one, vec![message(1, "a")]).await;
     assert_eq!(unprocessed_ids(&two, 0).await, vec![1]);

@@ -753,3 +753,89 @@ pub(crate) async fn mixed_completions_apply_state_in_batch_order(fixture: &Fixtu
         vec![(2, "two".to_owned()), (4, "four".to_owned())]
     );
 }
+
+pub(crate) async fn a_shard_filter_limits_unprocessed_and_next_delivery(
+    storage: Arc<dyn MessageStorage>,
+) {
+    let on = |id: i64, shard: flotilla::ShardId, deliver_at: Option<i64>| {
+        let mut m = message(id, &format!("acct-{id}"));
+        m.address.shard = shard;
+        m.deliver_at = deliver_at;
+        m
+    };
+    let mine = flotilla::ShardId::default_group(3);
+    let also_mine = flotilla::ShardId::new("payments", 9);
+    // Same index as `mine`, other group; and another index of the same group.
+    let other_group = flotilla::ShardId::new("payments", 3);
+    let other_index = flotilla::ShardId::default_group(4);
+    save(
+        &*storage,
+        vec![
+            on(1, mine.clone(), None),
+            on(2, other_group.clone(), None),
+            on(3, also_mine.clone(), None),
+            on(4, other_index.clone(), None),
+            on(5, mine.clone(), Some(2_000)),
+            on(6, other_group.clone(), Some(1_500)),
+            on(7, also_mine.clone(), Some(3_000)),
+        ],
+    )
+    .await;
+    let only = ShardFilter::Only(vec![mine.clone(), also_mine.clone()]);
+    let read = |shards: ShardFilter, ready_at: i64| {
+        let storage = storage.clone();
+        async move {
+            storage
+                .unprocessed(UnprocessedQuery {
+                    ready_at,
+                    after: None,
+                    limit: usize::MAX,
+                    shards,
+                })
+                .await
+                .expect("unprocessed")
+                .iter()
+                .map(|m| m.id.0)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(read(only.clone(), 1_000).await, vec![1, 3]);
+    assert_eq!(read(only.clone(), 10_000).await, vec![1, 3, 5, 7]);
+    assert_eq!(
+        read(ShardFilter::All, 10_000).await,
+        vec![1, 2, 3, 4, 5, 6, 7]
+    );
+    assert_eq!(
+        read(ShardFilter::Only(Vec::new()), 10_000).await,
+        Vec::<i64>::new()
+    );
+    assert_eq!(
+        read(ShardFilter::Only(vec![other_group.clone()]), 10_000).await,
+        vec![2, 6]
+    );
+
+    assert_eq!(storage.next_delivery(0, &only).await.unwrap(), Some(2_000));
+    assert_eq!(
+        storage.next_delivery(2_000, &only).await.unwrap(),
+        Some(3_000)
+    );
+    assert_eq!(storage.next_delivery(3_000, &only).await.unwrap(), None);
+    assert_eq!(
+        storage.next_delivery(0, &ShardFilter::All).await.unwrap(),
+        Some(1_500)
+    );
+    assert_eq!(
+        storage
+            .next_delivery(0, &ShardFilter::Only(Vec::new()))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        storage
+            .next_delivery(0, &ShardFilter::Only(vec![other_index]))
+            .await
+            .unwrap(),
+        None
+    );
+}

@@ -38,6 +38,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         description: "entity_state",
         sql: include_str!("../../../../migrations/postgres/0002_entity_state.sql"),
     },
+    Migration {
+        version: 3,
+        description: "runners",
+        sql: include_str!("../../../../migrations/postgres/0003_runners.sql"),
+    },
 ];
 
 /// The advisory-lock namespace of Flotilla: ASCII `flot`. PostgreSQL's

@@ -11,12 +11,16 @@
 //! number of round trips. Reads run on the pool.
 
 mod migrate;
+mod runners;
 mod sql;
 mod write;
+
+pub use runners::PostgresRunners;
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -122,6 +126,17 @@ impl PostgresStorage {
     /// The pool, for the application's own queries on the same database.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The runner registry and shard locks of the cluster stored here (same
+    /// database, same prefix). It reads and signals through this storage's
+    /// pool and opens its own lock connection with the pool's connect
+    /// options when it registers. `lock_timeout`: how long the lock session
+    /// may stay silent before PostgreSQL ends it, freeing every lock of the
+    /// runner (confirm more often than that); also the limit of one
+    /// [`confirm`](super::RunnerStorage::confirm).
+    pub fn runners(&self, lock_timeout: Duration) -> PostgresRunners {
+        PostgresRunners::new(self.pool.clone(), &self.prefix, lock_timeout)
     }
 
     fn ensure_open(&self) -> Result<(), StorageError> {
@@ -284,6 +299,14 @@ impl MessageStorage for PostgresStorage {
     }
 }
 
+/// The shards as two columns (groups, indexes) for `UNNEST`.
+fn shard_columns(shards: &[crate::sharding::ShardId]) -> (Vec<String>, Vec<i64>) {
+    shards
+        .iter()
+        .map(|s| (s.group().to_owned(), i64::from(s.index())))
+        .unzip()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,12 +346,4 @@ mod tests {
             );
         }
     }
-}
-
-/// The shards as two columns (groups, indexes) for `UNNEST`.
-fn shard_columns(shards: &[crate::sharding::ShardId]) -> (Vec<String>, Vec<i64>) {
-    shards
-        .iter()
-        .map(|s| (s.group().to_owned(), i64::from(s.index())))
-        .unzip()
 }

@@ -47,6 +47,11 @@ pub(super) struct Statements {
     pub(super) next_delivery_in: String,
     /// Deletes one chunk of old processed messages.
     pub(super) purge_processed: String,
+    /// Per fenced completion (`$1` message ids, `$2`/`$3` fence shards, in
+    /// order): its 1-based position, the stored epoch of its fence's shard
+    /// (read `FOR SHARE`; `$4`/`$5` are the distinct shards) and its
+    /// message's shard (NULL when unknown).
+    pub(super) check_fences: String,
 }
 
 /// The columns of a stored message, in the order `stored_message` reads them.
@@ -124,6 +129,21 @@ impl Statements {
                  WHERE processed_at IS NULL AND deliver_at > $1 \
                    AND (shard_group, shard_index) IN \
                        (SELECT * FROM UNNEST($2::text[], $3::bigint[]))"
+            ),
+            // MATERIALIZED: the locking read runs once over the distinct
+            // shards; a row locked there is what the join reads.
+            check_fences: format!(
+                "WITH fenced AS MATERIALIZED ( \
+                   SELECT shard_group, shard_index, epoch FROM {p}shards \
+                   WHERE (shard_group, shard_index) IN \
+                         (SELECT * FROM UNNEST($4::text[], $5::bigint[])) \
+                   FOR SHARE) \
+                 SELECT d.ord, f.epoch, m.shard_group, m.shard_index \
+                 FROM UNNEST($1::bigint[], $2::text[], $3::bigint[]) WITH ORDINALITY \
+                      AS d (id, shard_group, shard_index, ord) \
+                 LEFT JOIN fenced f \
+                        ON f.shard_group = d.shard_group AND f.shard_index = d.shard_index \
+                 LEFT JOIN {p}messages m ON m.id = d.id"
             ),
             purge_processed: format!(
                 "DELETE FROM {p}messages WHERE id IN \
@@ -209,6 +229,7 @@ mod tests {
             &s.upsert_states,
             &s.select_unprocessed,
             &s.purge_processed,
+            &s.check_fences,
         ] {
             assert!(sql.contains("app_"), "{sql}");
             assert!(!sql.contains("flotilla_"), "{sql}");

@@ -6,7 +6,8 @@
 //! run of completions without effects in one `UPDATE .. FROM UNNEST(..)` plus
 //! one state upsert. Completions with effects take a savepoint each; the rare
 //! outcomes (duplicate key, already processed) are read back with one
-//! statement per chunk.
+//! statement per chunk. Fenced completions (cluster runners) add one
+//! statement per chunk of completions, which checks every fence at once.
 
 use std::collections::{HashMap, HashSet};
 
@@ -17,8 +18,8 @@ use super::sql::{self, Statements};
 use crate::error::StorageError;
 use crate::snowflake::now_unix_ms;
 use crate::storage::{
-    Completion, CompletionOutcome, MessageId, NewMessage, SaveOutcome, SqlValue, Statement,
-    StoredReply, UnixMillis, WriteBatch, WriteOutcome,
+    Completion, CompletionOutcome, Epoch, Fence, MessageId, NewMessage, SaveOutcome, SqlValue,
+    Statement, StoredReply, UnixMillis, WriteBatch, WriteOutcome,
 };
 
 /// Writes `batch` inside the open transaction `conn`; the caller commits.
@@ -32,19 +33,131 @@ pub(super) async fn write_batch(
         saves.extend(save_chunk(conn, statements, chunk).await?);
     }
     let now = now_unix_ms() as i64;
-    let mut completions = Vec::with_capacity(batch.completions.len());
-    let mut rest = &batch.completions[..];
+    let mut fenced = Vec::with_capacity(batch.completions.len());
+    for chunk in batch.completions.chunks(sql::MAX_ROWS) {
+        fenced.extend(check_fences(conn, statements, chunk).await?);
+    }
+    let passing: Vec<&Completion> = batch
+        .completions
+        .iter()
+        .zip(&fenced)
+        .filter(|(_, fenced)| fenced.is_none())
+        .map(|(c, _)| c)
+        .collect();
+    let mut outcomes = Vec::with_capacity(passing.len());
+    let mut rest = &passing[..];
     while let Some(first) = rest.first() {
         if first.effects.is_empty() {
             let run = plain_run_len(rest);
-            completions.extend(complete_plain(conn, statements, &rest[..run], now).await?);
+            outcomes.extend(complete_plain(conn, statements, &rest[..run], now).await?);
             rest = &rest[run..];
         } else {
-            completions.push(complete_with_effects(conn, statements, first, now).await?);
+            outcomes.push(complete_with_effects(conn, statements, first, now).await?);
             rest = &rest[1..];
         }
     }
+    // Back in batch order: each fenced slot keeps its refusal, the others
+    // take the outcomes of the passing completions in turn.
+    let mut outcomes = outcomes.into_iter();
+    let completions = fenced
+        .into_iter()
+        .map(|fenced| {
+            fenced.or_else(|| outcomes.next()).ok_or_else(|| {
+                StorageError::Corrupt("a completion of the batch has no outcome".to_owned())
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(WriteOutcome { saves, completions })
+}
+
+/// The refusal of each completion of `chunk` whose [`Fence`] is stale
+/// (`None`: it may be written), read with one statement if any is fenced.
+///
+/// The statement reads the fenced shards' rows `FOR SHARE`, and the lock is
+/// held until this transaction ends. A runner that acquires one of these
+/// shards meanwhile bumps its epoch with an `UPDATE` of that row, which
+/// waits for this commit: it then resumes the shard's unprocessed messages
+/// only after the completions written here are committed, and sees them
+/// processed. Had the bump committed first, this read sees the new epoch
+/// (read committed re-reads a row updated under it) and the completion is
+/// fenced. Either way no message is handled by the new owner and also
+/// recorded by the old one.
+///
+/// A completion is fenced when its epoch is not the stored one, when its
+/// shard has no row (never acquired), or when its message belongs to
+/// another shard than the fence names (a caller bug must not write). An
+/// unknown message with a valid fence passes, and is reported as unknown
+/// by the completion itself.
+async fn check_fences(
+    conn: &mut PgConnection,
+    statements: &Statements,
+    chunk: &[Completion],
+) -> Result<Vec<Option<CompletionOutcome>>, StorageError> {
+    let mut refusals = vec![None; chunk.len()];
+    let fenced: Vec<(usize, &Fence)> = chunk
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.fence.as_ref().map(|f| (i, f)))
+        .collect();
+    if fenced.is_empty() {
+        return Ok(refusals);
+    }
+    let (mut ids, mut groups, mut indexes) = (
+        Vec::with_capacity(fenced.len()),
+        Vec::with_capacity(fenced.len()),
+        Vec::with_capacity(fenced.len()),
+    );
+    let mut distinct = HashSet::new();
+    let (mut distinct_groups, mut distinct_indexes) = (Vec::new(), Vec::new());
+    for (i, fence) in &fenced {
+        ids.push(chunk[*i].message_id.0);
+        groups.push(fence.shard.group());
+        indexes.push(i64::from(fence.shard.index()));
+        if distinct.insert(&fence.shard) {
+            distinct_groups.push(fence.shard.group());
+            distinct_indexes.push(i64::from(fence.shard.index()));
+        }
+    }
+    let rows = sqlx::query(AssertSqlSafe(&*statements.check_fences))
+        .bind(&ids)
+        .bind(&groups)
+        .bind(&indexes)
+        .bind(&distinct_groups)
+        .bind(&distinct_indexes)
+        .fetch_all(&mut *conn)
+        .await?;
+    if rows.len() != fenced.len() {
+        return Err(StorageError::Corrupt(format!(
+            "fence check returned {} rows for {} fenced completions",
+            rows.len(),
+            fenced.len()
+        )));
+    }
+    for row in rows {
+        // 1-based position among the fenced completions.
+        let ord: i64 = row.try_get(0)?;
+        let (i, fence) = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|k| fenced.get(k))
+            .ok_or_else(|| StorageError::Corrupt(format!("fence check row {ord}")))?;
+        let current: Option<i64> = row.try_get(1)?;
+        let message_group: Option<String> = row.try_get(2)?;
+        let message_index: Option<i64> = row.try_get(3)?;
+        let same_shard = match (&message_group, message_index) {
+            (Some(group), Some(index)) => {
+                group == fence.shard.group() && index == i64::from(fence.shard.index())
+            }
+            // Unknown message: nothing to compare; the completion reports it.
+            _ => true,
+        };
+        if current != Some(fence.epoch.0) || !same_shard {
+            refusals[*i] = Some(CompletionOutcome::Fenced {
+                stale: fence.epoch,
+                current: current.map(Epoch),
+            });
+        }
+    }
+    Ok(refusals)
 }
 
 /// Stores every message of `chunk` whose key is free, in one statement, and
@@ -145,7 +258,7 @@ async fn save_chunk(
 /// How many completions at the head of `rest` can share multi-row
 /// statements: no effects, and no message twice (a second completion of a
 /// message must see the first one's processed mark).
-fn plain_run_len(rest: &[Completion]) -> usize {
+fn plain_run_len(rest: &[&Completion]) -> usize {
     let mut ids = HashSet::new();
     rest.iter()
         .take_while(|c| c.effects.is_empty() && ids.insert(c.message_id))
@@ -158,7 +271,7 @@ fn plain_run_len(rest: &[Completion]) -> usize {
 async fn complete_plain(
     conn: &mut PgConnection,
     statements: &Statements,
-    run: &[Completion],
+    run: &[&Completion],
     now: UnixMillis,
 ) -> Result<Vec<CompletionOutcome>, StorageError> {
     let ids: Vec<i64> = run.iter().map(|c| c.message_id.0).collect();
