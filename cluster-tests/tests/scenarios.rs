@@ -405,6 +405,17 @@ async fn sigterm_under_load_redelivers_nothing_and_hands_the_shards_over_at_once
             termed.elapsed()
         );
         assert!(status.success(), "a graceful stop exits 0: {status}");
+        let stopped = cluster
+            .runner(0)
+            .wait_line(0, Duration::from_secs(1), |l| l.starts_with("STOPPED "))
+            .await
+            .unwrap();
+        assert_eq!(
+            stopped,
+            "STOPPED finished=true",
+            "the handlers under way finished within the shutdown timeout ({:?})",
+            cluster.settings().shutdown_timeout
+        );
 
         let sent = sending.await.unwrap();
         eprintln!(
