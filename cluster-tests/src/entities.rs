@@ -74,7 +74,7 @@ pub struct Placement {
     pub epoch: Option<i64>,
 }
 
-/// What a [`Probe::record`] call does besides recording.
+/// What a [`ProbeClient::record`] call does besides recording.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Work {
     /// Milliseconds to sleep before staging the audit row (a slow handler).
@@ -107,7 +107,7 @@ impl Work {
     }
 }
 
-/// The reply of [`Probe::record`]: who handled the message, under which
+/// The reply of [`ProbeClient::record`]: who handled the message, under which
 /// epoch. Every caller of one key must get the same one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
@@ -138,7 +138,7 @@ impl fmt::Display for Receipt {
     }
 }
 
-/// Why [`Probe::record`] failed.
+/// Why [`ProbeClient::record`] failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProbeError {

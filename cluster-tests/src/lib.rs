@@ -18,6 +18,14 @@
 //! Tests share PostgreSQL and a small machine: each holds [`exclusive`] for
 //! its whole run so they run one at a time.
 //!
+//! Running them: `cargo test -p flotilla-cluster-tests -- --nocapture`
+//! (PostgreSQL at `FLOTILLA_TEST_DATABASE_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`; `--nocapture` shows the
+//! failover times the scenarios print). Runners log to stderr files at the
+//! level of `RUST_LOG` (default `info`; try `info,flotilla=debug`); when a
+//! test fails, the tail of every runner's log is printed and the log
+//! directory kept.
+//!
 //! ```no_run
 //! use flotilla_cluster_tests::{exclusive, ClusterSettings, TestCluster, Work};
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
