@@ -94,6 +94,52 @@ pub struct Sent {
     pub failures: BTreeMap<String, String>,
     /// Error kind → how many times a call was retried after it.
     pub retries: BTreeMap<String, usize>,
+    /// Key → the errors its call was retried after (keys with none are absent).
+    pub retried_keys: BTreeMap<String, Vec<String>>,
+}
+
+impl Sent {
+    /// Adds one call's outcome.
+    pub fn add(&mut self, key: String, result: Result<Receipt, String>, retried: Vec<String>) {
+        for kind in &retried {
+            *self.retries.entry(kind.clone()).or_default() += 1;
+        }
+        if !retried.is_empty() {
+            self.retried_keys.insert(key.clone(), retried);
+        }
+        match result {
+            Ok(receipt) => {
+                assert_eq!(receipt.key, key, "a caller got another message's reply");
+                self.receipts.insert(key, receipt);
+            }
+            Err(error) => {
+                self.failures.insert(key, error);
+            }
+        }
+    }
+
+    /// Asserts that every call got its reply, the first time: the runtime
+    /// retries within the call's deadline by itself, so a caller never needs
+    /// to. (A retry with the same key is still one message; the helper
+    /// retries so that a failure here tells a lost message from a lost or
+    /// late reply.)
+    pub fn assert_all_replied_first_time(&self, expected: usize) {
+        assert!(
+            self.failures.is_empty(),
+            "{} sends never got a reply, e.g. {:?}",
+            self.failures.len(),
+            self.failures.iter().next()
+        );
+        assert_eq!(self.receipts.len(), expected);
+        assert!(
+            self.retried_keys.is_empty(),
+            "{} calls failed before a retry with the same key got the reply (so the message \
+             was handled, but its first call was not answered): {:?}, e.g. {:?}",
+            self.retried_keys.len(),
+            self.retries,
+            self.retried_keys.iter().next()
+        );
+    }
 }
 
 /// Sends `(entity, key)` messages as persisted `record` calls from
@@ -131,18 +177,7 @@ pub async fn send_all(
     let mut sent = Sent::default();
     for task in tasks {
         for (key, result, retried) in task.await.expect("a sender panicked") {
-            for kind in retried {
-                *sent.retries.entry(kind).or_default() += 1;
-            }
-            match result {
-                Ok(receipt) => {
-                    assert_eq!(receipt.key, key, "a caller got another message's reply");
-                    sent.receipts.insert(key, receipt);
-                }
-                Err(error) => {
-                    sent.failures.insert(key, error);
-                }
-            }
+            sent.add(key, result, retried);
         }
     }
     sent
