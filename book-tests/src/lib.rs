@@ -72,5 +72,11 @@ mod cluster {}
 #[doc = include_str!("../../book/src/postgres.md")]
 mod postgres {}
 
+#[doc = include_str!("../../book/src/deployment.md")]
+mod deployment {}
+
+#[doc = include_str!("../../book/src/failure-semantics.md")]
+mod failure_semantics {}
+
 #[doc = include_str!("../../book/src/transport.md")]
 mod transport {}

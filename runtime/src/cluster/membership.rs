@@ -10,6 +10,10 @@
 //! round runs every `membership_poll` and at once on a signal (a runner
 //! joined or left, or messages wait on an owned shard).
 //!
+//! During a graceful shutdown the task goes on confirming the locks (and
+//! does nothing else) until the last handlers have recorded their
+//! completions; then the runner unregisters.
+//!
 //! Fencing: if the lock connection fails, or no confirmation succeeded for
 //! `fence_after`, every shard is dropped from the table at once, so no
 //! entity of them starts and no new message of them is dispatched; handlers
@@ -79,7 +83,7 @@ impl Membership {
     /// Runs rounds until shutdown.
     pub(crate) async fn run(mut self, mut signals: Option<mpsc::Receiver<Signal>>) {
         loop {
-            if self.core.shutdown.is_cancelled() {
+            if self.core.membership_stop.is_cancelled() {
                 return;
             }
             self.round().await;
@@ -96,7 +100,7 @@ impl Membership {
                     }
                 };
                 tokio::select! {
-                    () = self.core.shutdown.cancelled() => return,
+                    () = self.core.membership_stop.cancelled() => return,
                     () = tokio::time::sleep_until(wake) => break,
                     signal = signal => match signal {
                         Some(Signal::MessagesReady(shard)) => {
@@ -119,6 +123,11 @@ impl Membership {
     /// One round: locks, live set, assignment, hand-over.
     pub(crate) async fn round(&mut self) {
         if self.me.is_some() && !self.check_locks().await {
+            return;
+        }
+        if self.core.shutdown.is_cancelled() {
+            // Shutting down: only keep the locks confirmed while the last
+            // handlers record their completions; take nothing new.
             return;
         }
         let budget = self.core.config.fence_after;
@@ -157,6 +166,9 @@ impl Membership {
             return true;
         };
         let fence_after = self.core.config.fence_after;
+        if !self.registered && self.core.shutdown.is_cancelled() {
+            return false; // never join again while leaving
+        }
         if !self.registered {
             match self.runners.register(&me).await {
                 Ok(()) => {

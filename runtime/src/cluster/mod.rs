@@ -49,6 +49,9 @@ pub(crate) struct Services {
     pub(crate) in_flight: InFlight,
     pub(crate) wake_delivery: Notify,
     pub(crate) shutdown: CancellationToken,
+    /// Stops the membership task: after the handlers finished on shutdown,
+    /// so the locks stay confirmed while their completions commit.
+    pub(crate) membership_stop: CancellationToken,
     /// Entity tasks: waited for first on shutdown.
     pub(crate) entity_tasks: TaskTracker,
     /// Background tasks (delivery, retention, rejections).
@@ -236,10 +239,12 @@ impl Cluster {
         core.tasks.close();
         let finished = tokio::time::timeout(core.config.shutdown_timeout, async {
             core.entity_tasks.wait().await;
+            core.membership_stop.cancel();
             core.tasks.wait().await;
         })
         .await
         .is_ok();
+        core.membership_stop.cancel();
         if !finished {
             tracing::warn!(timeout = ?core.config.shutdown_timeout, "handlers still running at shutdown timeout");
         }
@@ -584,6 +589,7 @@ impl ClusterBuilder {
             in_flight: InFlight::default(),
             wake_delivery: Notify::new(),
             shutdown: CancellationToken::new(),
+            membership_stop: CancellationToken::new(),
             entity_tasks: TaskTracker::new(),
             tasks: TaskTracker::new(),
         });

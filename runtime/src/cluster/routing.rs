@@ -395,6 +395,9 @@ async fn serve(core: &Arc<ClusterCore>, incoming: Incoming) -> Result<Vec<u8>, W
             address.entity_id, address.shard
         )));
     }
+    // Subscribed before the ownership check: a hand-over after the check
+    // wakes the wait below (one before `subscribe` would never fire).
+    let mut changes = core.ownership.subscribe();
     if core.ownership.fence(&address.shard).is_none() {
         return Err(WireError::NotHere(address.shard.to_string()));
     }
@@ -434,11 +437,24 @@ async fn serve(core: &Arc<ClusterCore>, incoming: Incoming) -> Result<Vec<u8>, W
                     Err(error) => return failed(RemoteError::Storage(error.to_string())),
                 }
             }
-            let mut changes = core.ownership.subscribe();
+            if core.ownership.fence(&address.shard).is_none() {
+                return Err(WireError::NotHere(address.shard.to_string()));
+            }
             let budget = tokio::time::sleep(incoming.budget);
             tokio::pin!(budget);
+            let mut safety = tokio::time::interval(REPLY_CHECK);
+            safety.tick().await;
             loop {
                 tokio::select! {
+                    _ = safety.tick() => {
+                        // The net under the waiter: a reply recorded by a
+                        // dispatch this request did not see.
+                        if !core.in_flight.contains(id)
+                            && let Ok(Some(reply)) = core.storage.reply(id).await
+                        {
+                            return answer(&WireReply::Recorded(reply.into()));
+                        }
+                    }
                     reply = wait.wait() => {
                         return match reply {
                             Some(reply) => answer(&WireReply::Recorded(reply.into())),

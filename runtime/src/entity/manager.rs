@@ -709,11 +709,18 @@ struct InFlightClaim<'a> {
 
 impl<'a> InFlightClaim<'a> {
     fn new(svc: &'a Services, id: MessageId) -> Option<Self> {
-        svc.in_flight.claim(id).then_some(Self {
-            svc,
-            id,
-            kept: false,
-        })
+        // Not `then_some(Self { .. })`: that builds the claim even when
+        // `claim` failed, and dropping it would release the message another
+        // dispatch holds, which would then run a second time.
+        if svc.in_flight.claim(id) {
+            Some(Self {
+                svc,
+                id,
+                kept: false,
+            })
+        } else {
+            None
+        }
     }
 
     fn keep(mut self) {
