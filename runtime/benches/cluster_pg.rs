@@ -12,7 +12,8 @@
 //! Layout: the bench process is runner A (a full runner, in process); it
 //! re-runs its own binary as runner B (`FLOTILLA_BENCH_CHILD` set, configured
 //! by `FLOTILLA_*` variables like any deployed runner). Cross-runner cases
-//! call, from A, entities whose shards B owns: one transport hop each way.
+//! call, from A, entities whose shards B owns: one transport hop each way
+//! (one case calls them from C, a `client_only` handle in the bench process).
 //! Failover stops B (SIGKILL or SIGTERM) and times A until it owns every
 //! shard and has itself answered a call to an entity of B's former shards.
 //!
@@ -208,6 +209,33 @@ async fn run(db: &BenchDatabase, scale: &Scale, filter: &str, batches: &BatchSiz
                 drive(&a, &remote_ids, 64, scale.volatile_calls, false),
             )
             .await;
+    }
+    let name = "volatile call from a client-only handle (C -> B), 1 caller";
+    if wanted(name) {
+        // C: `client_only` in the bench process; it owns nothing and routes
+        // every call over the transport, as a web front end would.
+        let c = Cluster::builder()
+            .postgres(db.url())
+            .secret(ClusterSecret::new(SECRET).expect("secret is long enough"))
+            .runner_id("bench-client")
+            .client_only()
+            .shards(SHARDS)
+            .register::<Bench>()
+            .start()
+            .await
+            .expect("start the client-only handle");
+        c.client::<Bench>(&remote_ids[0])
+            .ping(0)
+            .await
+            .expect("warm up C");
+        probes
+            .case(
+                name,
+                &[a_pid, b_pid],
+                drive(&c, &remote_ids, 1, scale.volatile_calls / 4, false),
+            )
+            .await;
+        c.shutdown().await;
     }
     let name = "persisted cross-runner call (A -> B), 1 caller";
     if wanted(name) {
