@@ -79,7 +79,8 @@ impl fmt::Debug for Snowflake {
 /// Generates snowflake ids for one machine id. Cheap to share (`Arc`) and lock-free.
 #[derive(Debug)]
 pub struct SnowflakeGenerator {
-    machine: u64,
+    /// The machine id, already shifted into place.
+    machine: AtomicU64,
     /// `(ms since EPOCH) << SEQUENCE_BITS | sequence` of the last id handed out.
     last: AtomicU64,
 }
@@ -88,9 +89,24 @@ impl SnowflakeGenerator {
     /// A generator for `machine_id` (masked to 10 bits).
     pub fn new(machine_id: u16) -> Self {
         Self {
-            machine: u64::from(machine_id & MAX_MACHINE_ID),
+            machine: AtomicU64::new(u64::from(machine_id & MAX_MACHINE_ID) << SEQUENCE_BITS),
             last: AtomicU64::new(0),
         }
+    }
+
+    /// The machine id of the ids generated now.
+    pub fn machine_id(&self) -> u16 {
+        ((self.machine.load(Ordering::Relaxed) >> SEQUENCE_BITS) & u64::from(MAX_MACHINE_ID)) as u16
+    }
+
+    /// Switches to `machine_id` (masked to 10 bits) for the ids generated
+    /// from now on: a cluster runner takes its machine id from the runner
+    /// registry when it (re)joins.
+    pub fn set_machine_id(&self, machine_id: u16) {
+        self.machine.store(
+            u64::from(machine_id & MAX_MACHINE_ID) << SEQUENCE_BITS,
+            Ordering::Relaxed,
+        );
     }
 
     /// The next id, using the system clock.
@@ -114,7 +130,7 @@ impl SnowflakeGenerator {
                     let seq = next & ((1 << SEQUENCE_BITS) - 1);
                     return Snowflake(
                         (ms << (MACHINE_BITS + SEQUENCE_BITS))
-                            | (self.machine << SEQUENCE_BITS)
+                            | self.machine.load(Ordering::Relaxed)
                             | seq,
                     );
                 }
@@ -145,6 +161,14 @@ mod tests {
         assert!(b > a);
         assert_eq!(a.unix_ms(), t);
         assert_eq!(a.machine_id(), 5);
+    }
+
+    #[test]
+    fn the_machine_id_can_be_set_after_start() {
+        let ids = SnowflakeGenerator::new(0);
+        ids.set_machine_id(1023);
+        assert_eq!(ids.machine_id(), 1023);
+        assert_eq!(ids.next_id().machine_id(), 1023);
     }
 
     #[test]

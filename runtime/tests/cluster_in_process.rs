@@ -152,6 +152,11 @@ async fn calls_run_on_the_owner_whichever_runner_sends_them() {
     )
     .await;
     assert_eq!(a.live_runners().len(), 3);
+    let machines: std::collections::HashSet<u16> = [&a, &b, &c]
+        .iter()
+        .map(|r| r.snowflake().machine_id())
+        .collect();
+    assert_eq!(machines.len(), 3, "each runner leases its own machine id");
     for i in 0..40 {
         let id = format!("w-{i}");
         let shard = flotilla::sharding::ShardId::for_entity("default", &id, SHARDS);

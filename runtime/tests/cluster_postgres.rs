@@ -92,6 +92,13 @@ async fn runners_on_postgres_share_the_shards_and_route_calls() {
             assert_eq!(sender.client::<Tally>(&id).add(1).await.unwrap(), 1);
         }
     }
+    // Every process of the cluster leased its own snowflake machine id, so
+    // message ids never collide across processes.
+    let machines: std::collections::HashSet<u16> = [&a, &b, &client]
+        .iter()
+        .map(|c| c.snowflake().machine_id())
+        .collect();
+    assert_eq!(machines.len(), 3, "{machines:?}");
     // A second runner with a live runner's id is refused, typed.
     let err = builder(&schema).runner_id("a").start().await.unwrap_err();
     assert!(err.to_string().contains("held by a live runner"), "{err}");

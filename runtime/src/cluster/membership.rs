@@ -163,6 +163,7 @@ impl Membership {
     /// Returns false when this runner holds no valid locks now.
     async fn check_locks(&mut self) -> bool {
         let Some(me) = self.me.clone() else {
+            self.keep_lease().await;
             return true;
         };
         let fence_after = self.core.config.fence_after;
@@ -173,6 +174,9 @@ impl Membership {
             match self.runners.register(&me).await {
                 Ok(()) => {
                     tracing::info!(runner = %me.id, "registered again after losing the lock connection");
+                    if !self.lease().await {
+                        return false;
+                    }
                     self.registered = true;
                     self.last_confirmed = Instant::now();
                     self.next_confirm = self.last_confirmed + self.confirm_every();
@@ -206,6 +210,35 @@ impl Membership {
             self.next_confirm = Instant::now() + self.confirm_every();
         }
         true
+    }
+
+    /// Leases a snowflake machine id on the current lock session and makes
+    /// the generator use it. False if that failed (tried again next round).
+    async fn lease(&mut self) -> bool {
+        match self.runners.lease_machine_id(&self.core.runner).await {
+            Ok(id) => {
+                self.core.ids.set_machine_id(id);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "leasing a snowflake machine id failed");
+                false
+            }
+        }
+    }
+
+    /// A client-only process keeps the session of its machine id lease
+    /// alive (PostgreSQL ends a silent one after `lock_timeout`), and leases
+    /// again if it was lost.
+    async fn keep_lease(&mut self) {
+        if Instant::now() < self.next_confirm {
+            return;
+        }
+        self.next_confirm = Instant::now() + self.confirm_every();
+        if let Err(error) = self.runners.confirm().await {
+            tracing::debug!(%error, "the machine id lease was lost; leasing again");
+            self.lease().await;
+        }
     }
 
     /// Stops serving every shard at once: the locks may be gone.

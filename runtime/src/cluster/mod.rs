@@ -679,6 +679,11 @@ impl ClusterBuilder {
             }
             _ => None,
         };
+        // Snowflake ids (message ids among them) must not collide across
+        // the processes of the cluster: each leases its machine id.
+        let machine_id = runners.lease_machine_id(&core.runner).await?;
+        core.ids.set_machine_id(machine_id);
+        tracing::debug!(runner = %core.runner, machine_id, "leased a snowflake machine id");
         let mut membership = membership::Membership::new(core.clone(), runners, me);
         membership.round().await;
         core.tasks.spawn(membership.run(signals));

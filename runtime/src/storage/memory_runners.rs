@@ -61,6 +61,8 @@ struct State {
     /// Shard → session holding its lock.
     locks: HashMap<ShardId, u64>,
     epochs: HashMap<ShardId, i64>,
+    /// Machine id → session leasing it.
+    machine_ids: HashMap<u16, u64>,
     live_sessions: HashSet<u64>,
     next_session: u64,
 }
@@ -69,6 +71,7 @@ impl State {
     fn end_session(&mut self, session: u64) {
         self.live_sessions.remove(&session);
         self.locks.retain(|_, s| *s != session);
+        self.machine_ids.retain(|_, s| *s != session);
         for (_, holder) in self.runners.values_mut() {
             if *holder == Some(session) {
                 *holder = None;
@@ -220,6 +223,30 @@ impl RunnerStorage for MemoryRunners {
         }
         self.send(Signal::MembershipChanged);
         Ok(())
+    }
+
+    async fn lease_machine_id(&self, holder: &RunnerId) -> Result<u16, StorageError> {
+        let mut member = lock(&self.member);
+        let mut state = lock(&self.shared.state);
+        let session = match member.as_ref() {
+            Some((session, _)) if state.live_sessions.contains(session) => *session,
+            _ => {
+                // A process that never registers gets a session of its own.
+                state.next_session += 1;
+                let session = state.next_session;
+                state.live_sessions.insert(session);
+                *member = Some((session, holder.clone()));
+                session
+            }
+        };
+        if let Some((id, _)) = state.machine_ids.iter().find(|(_, s)| **s == session) {
+            return Ok(*id);
+        }
+        let free = (0..super::runners::MACHINE_IDS)
+            .find(|id| !state.machine_ids.contains_key(id))
+            .ok_or_else(|| StorageError::InUse("every machine id is leased".to_owned()))?;
+        state.machine_ids.insert(free, session);
+        Ok(free)
     }
 
     async fn signal(&self, signal: Signal) -> Result<(), StorageError> {

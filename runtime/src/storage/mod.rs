@@ -29,7 +29,7 @@ pub use memory::MemoryStorage;
 pub use memory_runners::MemoryRunners;
 #[cfg(feature = "postgres")]
 pub use postgres::{DEFAULT_PREFIX, PostgresRunners, PostgresStorage};
-pub use runners::{Epoch, Fence, RunnerInfo, RunnerStorage, Signal};
+pub use runners::{Epoch, Fence, MACHINE_IDS, RunnerInfo, RunnerStorage, Signal};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStorage;
 

@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 use crate::error::StorageError;
 use crate::sharding::{RunnerId, ShardId};
 
+/// How many snowflake machine ids a cluster can lease at once.
+pub const MACHINE_IDS: u16 = 1024;
+
 /// The ownership generation of a shard: bumped by every acquisition.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
@@ -106,6 +109,15 @@ pub trait RunnerStorage: Send + Sync + fmt::Debug + 'static {
     /// Releases every lock, removes the registry row and closes the lock
     /// connection (graceful shutdown). Signals `MembershipChanged`.
     async fn unregister(&self) -> Result<(), StorageError>;
+
+    /// Leases a snowflake machine id (0–1023) that no other live process of
+    /// the cluster holds, for as long as this value's lock session lives:
+    /// the one [`register`](Self::register) opened, or, for a process that
+    /// never registers (client-only), one opened here for `holder`. Returns
+    /// the id already leased on the current session, if any. After the
+    /// session is lost, lease again. [`StorageError::InUse`] when all 1,024
+    /// are held.
+    async fn lease_machine_id(&self, holder: &RunnerId) -> Result<u16, StorageError>;
 
     /// Sends `signal` to every listening process.
     async fn signal(&self, signal: Signal) -> Result<(), StorageError>;

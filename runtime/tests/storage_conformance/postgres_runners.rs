@@ -731,3 +731,24 @@ async fn two_prefixes_in_one_schema_share_neither_runners_nor_locks() {
     two.close().await;
     app.close().await;
 }
+
+#[tokio::test]
+async fn machine_ids_are_leased_once_per_live_session() {
+    let schema = TestSchema::create().await;
+    let storage = schema.storage("flotilla_").await;
+    let a = storage.runners(std::time::Duration::from_secs(10));
+    let b = storage.runners(std::time::Duration::from_secs(10));
+    let client = flotilla::RunnerId::new("client-1");
+    let first = a.lease_machine_id(&client).await.unwrap();
+    // The same session keeps its lease.
+    assert_eq!(a.lease_machine_id(&client).await.unwrap(), first);
+    let second = b
+        .lease_machine_id(&flotilla::RunnerId::new("client-2"))
+        .await
+        .unwrap();
+    assert_ne!(first, second);
+    assert!(first < flotilla::storage::MACHINE_IDS && second < flotilla::storage::MACHINE_IDS);
+    // A session kept alive by confirm holds its lease.
+    a.confirm().await.unwrap();
+    storage.close().await;
+}

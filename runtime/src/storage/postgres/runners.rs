@@ -327,6 +327,7 @@ impl RunnerStorage for PostgresRunners {
             runner: runner.id.clone(),
             namespace,
             held: HashMap::new(),
+            machine_id: None,
         });
         drop(guard);
         self.notify(&Signal::MembershipChanged).await
@@ -422,6 +423,35 @@ impl RunnerStorage for PostgresRunners {
             return Ok(());
         }
         self.notify(&Signal::MembershipChanged).await
+    }
+
+    async fn lease_machine_id(&self, holder: &RunnerId) -> Result<u16, StorageError> {
+        self.ensure_open()?;
+        let mut guard = self.session.lock().await;
+        let mut session = match guard.take() {
+            Some(session) => session,
+            None => {
+                // A process that never registers (client-only): a session
+                // of its own, holding only the lease.
+                let conn = self.open_lock_connection(holder).await?;
+                let mut conn = conn;
+                let namespace: i32 = sqlx::query_scalar(AssertSqlSafe(&*self.statements.namespace))
+                    .fetch_one(&mut conn)
+                    .await?;
+                LockSession {
+                    conn,
+                    runner: holder.clone(),
+                    namespace,
+                    held: HashMap::new(),
+                    machine_id: None,
+                }
+            }
+        };
+        // On failure the session is dropped with its connection (and every
+        // lock on it), as for the other calls.
+        let id = session.lease_machine_id().await?;
+        *guard = Some(session);
+        Ok(id)
     }
 
     async fn signal(&self, signal: Signal) -> Result<(), StorageError> {

@@ -22,6 +22,8 @@ pub(super) struct LockSession {
     /// The shards locked on `conn`, with their lock keys and the epochs
     /// their acquisition set.
     pub(super) held: HashMap<ShardId, (i32, Epoch)>,
+    /// The snowflake machine id leased on `conn`, if any.
+    pub(super) machine_id: Option<u16>,
 }
 
 /// The shards as two columns (groups, indexes) for `UNNEST`.
@@ -141,5 +143,49 @@ impl LockSession {
             ));
         }
         Ok(())
+    }
+}
+
+impl LockSession {
+    /// Leases a snowflake machine id on this session: the two-key advisory
+    /// lock `(namespace, -1 - id)` (lock keys from the sequence are
+    /// positive, so the two never meet). Candidates are tried from a random
+    /// start, 64 per round trip; extra locks a round took are given back.
+    pub(super) async fn lease_machine_id(&mut self) -> Result<u16, StorageError> {
+        if let Some(id) = self.machine_id {
+            return Ok(id);
+        }
+        let total = i32::from(crate::storage::runners::MACHINE_IDS);
+        let mut start = [0u8; 2];
+        getrandom::fill(&mut start).map_err(|e| StorageError::Io(std::io::Error::other(e)))?;
+        let start = i32::from(u16::from_le_bytes(start)) % total;
+        for round in 0..(total / 64) {
+            let candidates: Vec<i32> = (0..64).map(|i| (start + round * 64 + i) % total).collect();
+            let taken: Vec<i32> = sqlx::query_scalar(
+                "SELECT m FROM UNNEST($2::int[]) AS m WHERE pg_try_advisory_lock($1, -1 - m)",
+            )
+            .bind(self.namespace)
+            .bind(&candidates)
+            .fetch_all(&mut self.conn)
+            .await?;
+            if let Some((&first, extra)) = taken.split_first() {
+                if !extra.is_empty() {
+                    sqlx::query(
+                        "SELECT pg_advisory_unlock($1, -1 - m) FROM UNNEST($2::int[]) AS m",
+                    )
+                    .bind(self.namespace)
+                    .bind(extra)
+                    .execute(&mut self.conn)
+                    .await?;
+                }
+                let id = u16::try_from(first)
+                    .map_err(|_| StorageError::Corrupt(format!("machine id {first}")))?;
+                self.machine_id = Some(id);
+                return Ok(id);
+            }
+        }
+        Err(StorageError::InUse(
+            "all 1024 snowflake machine ids are leased by live processes".to_owned(),
+        ))
     }
 }
