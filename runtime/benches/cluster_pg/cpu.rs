@@ -50,21 +50,23 @@ impl CpuMeter {
     }
 
     /// `CPU per call: runners .. us, PostgreSQL .. us`, or nothing when a
-    /// process could not be read.
+    /// runner, or every backend (a server on another host), could not be read.
     pub(crate) async fn per_call(self, calls: u64) -> Option<String> {
         let mut runners = 0;
         for (pid, before) in &self.runners {
             runners += cpu_ns(*pid)?.saturating_sub(*before);
         }
         let mut backends = 0;
+        let mut read_any = false;
         // Backends opened during the case count from zero.
         for pid in backend_pids(&self.url, &self.application_name).await {
             let before = self.backends.get(&pid).copied().unwrap_or(0);
             if let Some(now) = cpu_ns(pid) {
                 backends += now.saturating_sub(before);
+                read_any = true;
             }
         }
-        if self.runners.is_empty() || calls == 0 {
+        if self.runners.is_empty() || !read_any || calls == 0 {
             return None;
         }
         let us = |ns: u64| ns as f64 / 1e3 / calls as f64;
