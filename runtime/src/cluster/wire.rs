@@ -25,6 +25,10 @@ pub(crate) enum WireRequest {
         /// The encoded request enum.
         #[serde(with = "bin")]
         payload: Vec<u8>,
+        /// The caller's trace and identity (`traceparent`, sender runner
+        /// and shard); absent from senders that predate them.
+        #[serde(default)]
+        headers: Headers,
     },
     /// A persisted message is stored: dispatch it (if not already under
     /// way or done) and answer with its reply once recorded.
