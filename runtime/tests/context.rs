@@ -522,3 +522,43 @@ async fn a_message_resumed_after_a_restart_keeps_its_traceparent() {
     assert_eq!(theirs.sender_shard, sender.shard);
     restarted.shutdown().await;
 }
+
+mod shard_id {
+    use flotilla::sharding::ShardId;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// `ShardId`'s `Display` and `FromStr` round-trip for every non-empty
+        /// group (colons included: the index is after the last one).
+        #[test]
+        fn display_and_from_str_round_trip(group in "\\PC{1,40}", index: u32) {
+            let shard = ShardId::new(group.as_str(), index);
+            let text = shard.to_string();
+            prop_assert_eq!(text.parse::<ShardId>(), Ok(shard));
+        }
+
+        /// Whatever else parses is exactly what prints back.
+        #[test]
+        fn parsing_is_the_inverse_of_printing(text in "\\PC{0,20}(:[0-9]{0,12})?") {
+            if let Ok(shard) = text.parse::<ShardId>() {
+                let printed = shard.to_string();
+                prop_assert_eq!(printed.parse::<ShardId>(), Ok(shard));
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_group_or_a_bad_index_is_refused() {
+        for bad in [
+            "",
+            ":1",
+            "default",
+            "default:",
+            "default:-1",
+            "default:x",
+            "default:4294967296",
+        ] {
+            assert!(bad.parse::<ShardId>().is_err(), "{bad:?}");
+        }
+    }
+}
