@@ -190,7 +190,10 @@ impl MessageStorage for Shared {
 
 /// Every span's name and fields (at creation and recorded later), by span id.
 #[derive(Clone, Default)]
-struct SpanLog(Arc<Mutex<HashMap<u64, (String, HashMap<String, String>)>>>);
+struct SpanLog(Arc<Mutex<HashMap<u64, SpanRecord>>>);
+
+/// A span's name and its fields.
+type SpanRecord = (String, HashMap<String, String>);
 
 struct Fields<'a>(&'a mut HashMap<String, String>);
 
