@@ -227,8 +227,8 @@ pub async fn scope<F: Future>(context: ClusterContext, future: F) -> F::Output {
     CURRENT.scope(context, future).await
 }
 
-/// `future` with `context` current, as a nameable future (for tower services).
-#[cfg_attr(not(feature = "http"), allow(dead_code))]
+/// `future` with `context` current, as a nameable future (for the entity
+/// manager and tower services).
 pub(crate) fn scoped<F: Future>(
     context: ClusterContext,
     future: F,

@@ -482,7 +482,7 @@ impl<E: Entity> EntityManager<E> {
                 let current = self.current(address, incoming, &span);
                 let ctx = self.context(address, None, fence, Some(*current.trace()));
                 let started = Instant::now();
-                let result = context::scope(
+                let result = context::scoped(
                     current,
                     AssertUnwindSafe(instance.handle(&ctx, request)).catch_unwind(),
                 )
@@ -515,7 +515,7 @@ impl<E: Entity> EntityManager<E> {
                 let current = self.current(address, incoming, &span);
                 let ctx = self.context(address, Some(id), fence, Some(*current.trace()));
                 let started = Instant::now();
-                let result = context::scope(
+                let result = context::scoped(
                     current,
                     AssertUnwindSafe(instance.handle(&ctx, request)).catch_unwind(),
                 )
