@@ -69,6 +69,9 @@ mod reference_rpc_primary_key {}
 #[doc = include_str!("../../book/src/cluster.md")]
 mod cluster {}
 
+#[doc = include_str!("../../book/src/context.md")]
+mod context {}
+
 #[doc = include_str!("../../book/src/postgres.md")]
 mod postgres {}
 

@@ -52,8 +52,11 @@ mod client;
 mod cluster;
 pub mod codec;
 mod config;
+pub mod context;
 pub mod entity;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod sharding;
 pub mod snowflake;
 pub mod storage;

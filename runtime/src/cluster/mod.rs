@@ -56,6 +56,8 @@ pub(crate) struct Services {
     pub(crate) entity_tasks: TaskTracker,
     /// Background tasks (delivery, retention, rejections).
     pub(crate) tasks: TaskTracker,
+    /// Whether this runner runs the leader singleton (`context::is_leader`).
+    pub(crate) leader: Arc<crate::context::LeaderStatus>,
 }
 
 /// One registered entity type: typed for clients, erased for delivery.
@@ -187,6 +189,12 @@ impl Cluster {
     /// A new cluster-unique, time-ordered id.
     pub fn snowflake(&self) -> Snowflake {
         self.core.ids.next_id()
+    }
+
+    /// The services every context of this runner shares (`http` layer).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) fn services(&self) -> &Arc<Services> {
+        &self.core.svc
     }
 
     /// The configuration the cluster runs with.
@@ -592,6 +600,7 @@ impl ClusterBuilder {
             membership_stop: CancellationToken::new(),
             entity_tasks: TaskTracker::new(),
             tasks: TaskTracker::new(),
+            leader: Arc::default(),
         });
         let types = registrations
             .into_iter()

@@ -174,6 +174,7 @@ impl ClusterCore {
                     let wire_request = WireRequest::Volatile {
                         target: WireAddress::new(address),
                         payload: payload.clone(),
+                        headers: crate::context::outgoing_headers(&self.runner),
                     };
                     match self.remote(&runner, peer, &wire_request, deadline).await {
                         Attempt::Done(Ok(WireReply::Volatile(bytes))) => {
@@ -255,10 +256,14 @@ impl ClusterCore {
             match self.ownership.route(&address.shard) {
                 Route::Local(_) => {
                     if let Some(request) = request.take() {
+                        let headers = message
+                            .as_ref()
+                            .map(|m| m.headers.clone())
+                            .unwrap_or_default();
                         // Err: the shard was lost just now; the next owner
                         // resumes the message, and the routing change below
                         // sends this caller there.
-                        let _ = manager.dispatch_new(address, id, request, span.clone());
+                        let _ = manager.dispatch_new(address, id, request, span.clone(), &headers);
                     } else if scheduled || !self.in_flight.contains(id) {
                         self.wake_delivery.notify_one();
                     }
@@ -402,8 +407,12 @@ async fn serve(core: &Arc<ClusterCore>, incoming: Incoming) -> Result<Vec<u8>, W
         return Err(WireError::NotHere(address.shard.to_string()));
     }
     match request {
-        WireRequest::Volatile { payload, .. } => {
-            let call = registered.erased.call_volatile_encoded(address, payload);
+        WireRequest::Volatile {
+            payload, headers, ..
+        } => {
+            let call = registered
+                .erased
+                .call_volatile_encoded(address, payload, headers);
             match tokio::time::timeout(incoming.budget, call).await {
                 Ok(Ok(bytes)) => answer(&WireReply::Volatile(bytes)),
                 Ok(Err(ClusterError::EntityNotAssigned { shard, .. })) => {

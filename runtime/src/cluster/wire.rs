@@ -25,6 +25,10 @@ pub(crate) enum WireRequest {
         /// The encoded request enum.
         #[serde(with = "bin")]
         payload: Vec<u8>,
+        /// The caller's trace and identity (`traceparent`, sender runner
+        /// and shard); absent from senders that predate them.
+        #[serde(default)]
+        headers: Headers,
     },
     /// A persisted message is stored: dispatch it (if not already under
     /// way or done) and answer with its reply once recorded.
@@ -259,6 +263,57 @@ mod tests {
             panic!("not a deliver request");
         };
         assert_eq!(message.into_stored(id, target.address()), stored);
+    }
+
+    #[test]
+    fn a_volatile_request_carries_headers_and_accepts_none() {
+        let address = EntityAddress {
+            entity_type: "Account".into(),
+            entity_id: "acct-42".into(),
+            shard: ShardId::default_group(271),
+        };
+        let headers = Headers::from([(
+            "traceparent".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        )]);
+        let request = WireRequest::Volatile {
+            target: WireAddress::new(&address),
+            payload: vec![1, 2],
+            headers: headers.clone(),
+        };
+        let bytes = encode("request", &request).unwrap();
+        let WireRequest::Volatile { headers: got, .. } =
+            decode::<WireRequest>("request", &bytes).unwrap()
+        else {
+            panic!("not a volatile request");
+        };
+        assert_eq!(got, headers);
+
+        // A sender from before headers existed: the same request without them.
+        #[derive(Serialize)]
+        enum OldRequest {
+            Volatile {
+                target: WireAddress,
+                #[serde(with = "bin")]
+                payload: Vec<u8>,
+            },
+        }
+        let old = OldRequest::Volatile {
+            target: WireAddress::new(&address),
+            payload: vec![1, 2],
+        };
+        let bytes = encode("request", &old).unwrap();
+        let WireRequest::Volatile {
+            target,
+            payload,
+            headers,
+        } = decode::<WireRequest>("request", &bytes).unwrap()
+        else {
+            panic!("not a volatile request");
+        };
+        assert_eq!(target.address(), address);
+        assert_eq!(payload, vec![1, 2]);
+        assert!(headers.is_empty());
     }
 
     #[test]

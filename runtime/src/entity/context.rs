@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::context::{LeaderStatus, TraceContext};
 use crate::sharding::{EntityAddress, RunnerId, ShardId};
 use crate::snowflake::{Snowflake, SnowflakeGenerator};
 use crate::storage::{Epoch, MessageId, Statement};
@@ -29,6 +30,8 @@ pub struct EntityContext {
     message: Option<MessageId>,
     epoch: Option<Epoch>,
     ids: Arc<SnowflakeGenerator>,
+    leader: Arc<LeaderStatus>,
+    trace: Option<TraceContext>,
     staged: Option<Mutex<Vec<Statement>>>,
 }
 
@@ -48,6 +51,8 @@ impl EntityContext {
         message: Option<MessageId>,
         epoch: Option<Epoch>,
         ids: Arc<SnowflakeGenerator>,
+        leader: Arc<LeaderStatus>,
+        trace: Option<TraceContext>,
     ) -> Self {
         let staged = message.map(|_| Mutex::new(Vec::new()));
         Self {
@@ -56,6 +61,8 @@ impl EntityContext {
             message,
             epoch,
             ids,
+            leader,
+            trace,
             staged,
         }
     }
@@ -101,6 +108,18 @@ impl EntityContext {
     /// A new cluster-unique, time-ordered id.
     pub fn snowflake(&self) -> Snowflake {
         self.ids.next_id()
+    }
+
+    /// Whether this runner runs the cluster's leader singleton now (read
+    /// live). `None` while unknown (no leader election configured).
+    pub fn is_leader(&self) -> Option<bool> {
+        self.leader.get()
+    }
+
+    /// The trace of this handler run: its span id, and the sender's span id
+    /// as its parent. `None` in `Entity::create` (no message is handled).
+    pub fn trace(&self) -> Option<&TraceContext> {
+        self.trace.as_ref()
     }
 
     /// Stages a SQL statement to run in the transaction that records this

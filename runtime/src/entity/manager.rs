@@ -14,6 +14,7 @@ use tracing::Instrument;
 use crate::cluster::ReplyWait;
 use crate::cluster::Services;
 use crate::codec;
+use crate::context::{self, ClusterContext, Sender, TraceContext};
 use crate::entity::mailbox::{Mailbox, SendError};
 use crate::entity::{Entity, EntityContext, EntityOptions, RequestInfo};
 use crate::error::ClusterError;
@@ -30,12 +31,51 @@ enum Envelope<E: Entity> {
         request: E::Request,
         reply: oneshot::Sender<Result<E::Reply, ClusterError>>,
         span: tracing::Span,
+        incoming: Incoming,
     },
     Persisted {
         id: MessageId,
         request: E::Request,
         span: tracing::Span,
+        incoming: Incoming,
     },
+}
+
+/// Where a message comes from: the handler's trace (a child of the
+/// sender's span) and the sender.
+pub(crate) struct Incoming {
+    trace: TraceContext,
+    sender: Option<Sender>,
+}
+
+impl Incoming {
+    /// A message with `headers` (from storage or another runner).
+    pub(crate) fn from_headers(headers: &Headers) -> Self {
+        Self {
+            trace: TraceContext::for_message(headers),
+            sender: Sender::from_headers(headers),
+        }
+    }
+
+    /// A call made now in this process by the current task on `runner`.
+    fn here(runner: &crate::sharding::RunnerId) -> Self {
+        match context::current() {
+            Some(caller) => Self {
+                trace: caller.trace().child(),
+                sender: Some(Sender {
+                    runner: Some(caller.runner_id().clone()),
+                    shard: caller.shard_id().cloned(),
+                }),
+            },
+            None => Self {
+                trace: TraceContext::root(),
+                sender: Some(Sender {
+                    runner: Some(runner.clone()),
+                    shard: None,
+                }),
+            },
+        }
+    }
 }
 
 /// Mailbox slots hold a pointer: a channel allocates its slots in blocks, and
@@ -69,6 +109,7 @@ pub(crate) trait StoredDispatch: Send + Sync {
         &self,
         address: EntityAddress,
         payload: Vec<u8>,
+        headers: Headers,
     ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, ClusterError>>;
 }
 
@@ -149,18 +190,33 @@ impl<E: Entity> EntityManager<E> {
         Ok(tx)
     }
 
-    /// A volatile call: straight to the mailbox, no serialization.
+    /// A volatile call: straight to the mailbox, no serialization. The
+    /// caller is the current task (its context is the handler's parent).
     pub(crate) async fn call_volatile(
         self: &Arc<Self>,
         address: &EntityAddress,
         request: E::Request,
         span: tracing::Span,
     ) -> Result<E::Reply, ClusterError> {
+        let incoming = Incoming::here(&self.svc.runner);
+        self.call_volatile_from(address, request, span, incoming)
+            .await
+    }
+
+    /// A volatile call from `incoming` (another runner's, by its headers).
+    async fn call_volatile_from(
+        self: &Arc<Self>,
+        address: &EntityAddress,
+        request: E::Request,
+        span: tracing::Span,
+        incoming: Incoming,
+    ) -> Result<E::Reply, ClusterError> {
         let (reply, wait) = oneshot::channel();
         let mut envelope = Box::new(Envelope::Volatile {
             request,
             reply,
             span,
+            incoming,
         });
         loop {
             let mailbox = self
@@ -219,7 +275,9 @@ impl<E: Entity> EntityManager<E> {
             tag: info.tag.to_owned(),
             key,
             payload,
-            headers: Headers::new(),
+            // The caller's trace and identity, stored with the message so
+            // that a resumed or remote run continues the caller's trace.
+            headers: context::outgoing_headers(&svc.runner),
             deliver_at,
             created_at: now,
         };
@@ -267,12 +325,19 @@ impl<E: Entity> EntityManager<E> {
         id: MessageId,
         request: E::Request,
         span: tracing::Span,
+        headers: &Headers,
     ) -> Result<(), NotOwned> {
         // Claimed before dispatch so the delivery scan cannot dispatch it too.
         let Some(claim) = InFlightClaim::new(&self.svc, id) else {
             return Ok(()); // already under way (the scan or a deliver got it first)
         };
-        let mut envelope = Box::new(Envelope::Persisted { id, request, span });
+        let incoming = Incoming::from_headers(headers);
+        let mut envelope = Box::new(Envelope::Persisted {
+            id,
+            request,
+            span,
+            incoming,
+        });
         loop {
             let mailbox = self.mailbox(address)?;
             self.metrics.mailbox_depth.increment(1.0);
@@ -312,6 +377,7 @@ impl<E: Entity> EntityManager<E> {
         address: &EntityAddress,
         message: Option<MessageId>,
         fence: &Option<Fence>,
+        trace: Option<TraceContext>,
     ) -> EntityContext {
         EntityContext::new(
             address.clone(),
@@ -319,6 +385,26 @@ impl<E: Entity> EntityManager<E> {
             message,
             fence.as_ref().map(|f| f.epoch),
             self.svc.ids.clone(),
+            self.svc.leader.clone(),
+            trace,
+        )
+    }
+
+    /// The current context of one handler run; records its trace on `span`.
+    fn current(
+        &self,
+        address: &EntityAddress,
+        incoming: Incoming,
+        span: &tracing::Span,
+    ) -> ClusterContext {
+        incoming.trace.record_on(span);
+        ClusterContext::new(
+            self.svc.runner.clone(),
+            Some(address.shard.clone()),
+            self.svc.leader.clone(),
+            self.svc.ids.clone(),
+            incoming.trace,
+            incoming.sender,
         )
     }
 
@@ -329,10 +415,11 @@ impl<E: Entity> EntityManager<E> {
         fence: Option<Fence>,
         rx: Arc<Mailbox<Mail<E>>>,
     ) {
-        let mut instance = match Box::pin(self.load(&self.context(&address, None, &fence))).await {
-            Ok(instance) => instance,
-            Err(error) => return self.give_up(&address, &rx, &error),
-        };
+        let mut instance =
+            match Box::pin(self.load(&self.context(&address, None, &fence, None))).await {
+                Ok(instance) => instance,
+                Err(error) => return self.give_up(&address, &rx, &error),
+            };
         // Passivation is the idle sweeper's job (`passivate_idle`): it closes
         // the mailbox, and `recv` returns `None`. No timer per entity.
         while let Some(envelope) = rx.recv().await {
@@ -342,7 +429,7 @@ impl<E: Entity> EntityManager<E> {
             if !healthy {
                 // A panic, or a completion that was not recorded: the in-memory
                 // state may differ from what is stored. Start again from storage.
-                match Box::pin(self.load(&self.context(&address, None, &fence))).await {
+                match Box::pin(self.load(&self.context(&address, None, &fence, None))).await {
                     Ok(fresh) => instance = fresh,
                     Err(error) => return self.give_up(&address, &rx, &error),
                 }
@@ -387,16 +474,20 @@ impl<E: Entity> EntityManager<E> {
                 request,
                 reply,
                 span,
+                incoming,
             } => {
                 if reply.is_closed() {
                     return true; // the caller gave up before the entity got to it
                 }
-                let ctx = self.context(address, None, fence);
+                let current = self.current(address, incoming, &span);
+                let ctx = self.context(address, None, fence, Some(*current.trace()));
                 let started = Instant::now();
-                let result = AssertUnwindSafe(instance.handle(&ctx, request))
-                    .catch_unwind()
-                    .instrument(span)
-                    .await;
+                let result = context::scoped(
+                    current,
+                    AssertUnwindSafe(instance.handle(&ctx, request)).catch_unwind(),
+                )
+                .instrument(span)
+                .await;
                 self.metrics
                     .handler_seconds
                     .record(started.elapsed().as_secs_f64());
@@ -415,13 +506,21 @@ impl<E: Entity> EntityManager<E> {
                     }
                 }
             }
-            Envelope::Persisted { id, request, span } => {
-                let ctx = self.context(address, Some(id), fence);
+            Envelope::Persisted {
+                id,
+                request,
+                span,
+                incoming,
+            } => {
+                let current = self.current(address, incoming, &span);
+                let ctx = self.context(address, Some(id), fence, Some(*current.trace()));
                 let started = Instant::now();
-                let result = AssertUnwindSafe(instance.handle(&ctx, request))
-                    .catch_unwind()
-                    .instrument(span.clone())
-                    .await;
+                let result = context::scoped(
+                    current,
+                    AssertUnwindSafe(instance.handle(&ctx, request)).catch_unwind(),
+                )
+                .instrument(span.clone())
+                .await;
                 self.metrics
                     .handler_seconds
                     .record(started.elapsed().as_secs_f64());
@@ -600,10 +699,12 @@ impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
                 return true;
             }
         };
+        let incoming = Incoming::from_headers(&message.headers);
         let mut envelope = Box::new(Envelope::Persisted {
             id: message.id,
             request,
             span,
+            incoming,
         });
         loop {
             let Ok(mailbox) = manager.mailbox(&message.address) else {
@@ -648,6 +749,7 @@ impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
         &self,
         address: EntityAddress,
         payload: Vec<u8>,
+        headers: Headers,
     ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, ClusterError>> {
         let manager = self.clone();
         Box::pin(async move {
@@ -660,7 +762,10 @@ impl<E: Entity> StoredDispatch for Arc<EntityManager<E>> {
                 )));
             }
             let span = message_span(&address, info.tag, "volatile", None);
-            let reply = manager.call_volatile(&address, request, span).await?;
+            let incoming = Incoming::from_headers(&headers);
+            let reply = manager
+                .call_volatile_from(&address, request, span, incoming)
+                .await?;
             Ok(codec::encode("reply", &reply)?)
         })
     }
@@ -697,6 +802,9 @@ pub(crate) fn message_span(
         rpc,
         delivery,
         message_id = message_id.map(|id| id.0),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
     )
 }
 
