@@ -250,3 +250,15 @@ async fn shutdown_lets_in_flight_handlers_finish_and_refuses_new_calls() {
     let err = worker.work(0).await.unwrap_err();
     assert!(matches!(err, ClusterError::ShuttingDown), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_single_runner_keeps_the_runner_id_it_was_given() {
+    let cluster = Cluster::builder()
+        .memory()
+        .runner_id("orders-1")
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(cluster.runner_id().as_str(), "orders-1");
+    cluster.shutdown().await;
+}

@@ -556,7 +556,12 @@ impl ClusterBuilder {
         let writer = GroupCommit::start(storage.clone(), config.max_batch, &writer_tasks);
         let (runner, ownership, runners, listener) = match cluster {
             None => {
-                let runner = RunnerId::new(format!("local-{}", std::process::id()));
+                let runner = RunnerId::new(
+                    config
+                        .runner_id
+                        .clone()
+                        .unwrap_or_else(|| format!("local-{}", std::process::id())),
+                );
                 (runner.clone(), Ownership::single(runner), None, None)
             }
             Some((runners, listener)) => {
