@@ -37,6 +37,12 @@ impl Where {
         (ctx.runner_id().to_string(), self.seen)
     }
 
+    /// Whether the runner handling this call leads, as handlers see it.
+    #[rpc]
+    async fn leads(&self) -> Option<bool> {
+        flotilla::context::is_leader()
+    }
+
     #[rpc]
     async fn boom(&self) -> u32 {
         panic!("boom")
@@ -305,4 +311,57 @@ async fn a_runner_whose_lock_session_ends_stops_serving_and_comes_back() {
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_one_runner_leads_and_leadership_moves_when_it_leaves() {
+    let fx = Fixture::new();
+    let (a, _) = fx.runner("a").await;
+    let (b, _) = fx.runner("b").await;
+    let (c, _) = fx.runner("c").await;
+    until(
+        "every shard owned, by all three",
+        Duration::from_secs(5),
+        || all_owned(&[&a, &b, &c]),
+    )
+    .await;
+    let runners = [a, b, c];
+    let leaders: Vec<&Cluster> = runners.iter().filter(|r| r.is_leader()).collect();
+    assert_eq!(leaders.len(), 1, "one leader");
+    let leader = leaders[0].clone();
+    let others: Vec<&Cluster> = runners
+        .iter()
+        .filter(|r| r.runner_id() != leader.runner_id())
+        .collect();
+    // Handlers see it through the task-local context as well.
+    let id = (0..)
+        .map(|i| format!("l-{i}"))
+        .find(|id| {
+            let shard = flotilla::sharding::ShardId::for_entity("default", id, SHARDS);
+            leader.owned_shards().contains(&shard)
+        })
+        .unwrap();
+    assert_eq!(
+        others[0].client::<Where>(&id).leads().await.unwrap(),
+        Some(true)
+    );
+    let elsewhere = (0..)
+        .map(|i| format!("f-{i}"))
+        .find(|id| {
+            let shard = flotilla::sharding::ShardId::for_entity("default", id, SHARDS);
+            !leader.owned_shards().contains(&shard)
+        })
+        .unwrap();
+    assert_eq!(
+        leader.client::<Where>(&elsewhere).leads().await.unwrap(),
+        Some(false)
+    );
+    assert!(leader.shutdown().await);
+    until("a new leader", Duration::from_secs(2), || {
+        others.iter().filter(|r| r.is_leader()).count() == 1
+    })
+    .await;
+    for r in others {
+        r.shutdown().await;
+    }
 }

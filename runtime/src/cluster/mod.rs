@@ -207,6 +207,13 @@ impl Cluster {
         &self.core.storage
     }
 
+    /// Whether this runner is the cluster's leader: it owns the shard of the
+    /// name `flotilla.leader` (always true on a single runner). Leader-only
+    /// work can check it; it changes when that shard moves.
+    pub fn is_leader(&self) -> bool {
+        self.core.ownership.is_leader()
+    }
+
     /// The shards this runner owns now, sorted (every shard on a single
     /// runner is owned implicitly: empty there).
     pub fn owned_shards(&self) -> Vec<crate::sharding::ShardId> {
@@ -554,6 +561,7 @@ impl ClusterBuilder {
     ) -> Result<Cluster, StartError> {
         let writer_tasks = TaskTracker::new();
         let writer = GroupCommit::start(storage.clone(), config.max_batch, &writer_tasks);
+        let leader: Arc<crate::context::LeaderStatus> = Arc::default();
         let (runner, ownership, runners, listener) = match cluster {
             None => {
                 let runner = RunnerId::new(
@@ -562,14 +570,19 @@ impl ClusterBuilder {
                         .clone()
                         .unwrap_or_else(|| format!("local-{}", std::process::id())),
                 );
-                (runner.clone(), Ownership::single(runner), None, None)
+                (
+                    runner.clone(),
+                    Ownership::single(runner, leader.clone()),
+                    None,
+                    None,
+                )
             }
             Some((runners, listener)) => {
                 let runner =
                     RunnerId::new(config.runner_id.clone().unwrap_or_else(default_runner_id));
                 (
                     runner.clone(),
-                    Ownership::cluster(runner),
+                    Ownership::cluster(runner, leader.clone(), config.shards),
                     Some(runners),
                     listener,
                 )
@@ -605,7 +618,7 @@ impl ClusterBuilder {
             membership_stop: CancellationToken::new(),
             entity_tasks: TaskTracker::new(),
             tasks: TaskTracker::new(),
-            leader: Arc::default(),
+            leader,
         });
         let types = registrations
             .into_iter()

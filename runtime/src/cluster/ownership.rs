@@ -9,12 +9,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
+use crate::context::LeaderStatus;
 use crate::sharding::assignment::Assignment;
-use crate::sharding::{RunnerId, ShardId};
+use crate::sharding::{DEFAULT_GROUP, RunnerId, ShardId};
 use crate::storage::{Epoch, Fence, ShardFilter};
 
 /// Where a call for a shard goes now.
@@ -48,25 +49,43 @@ pub(crate) struct Ownership {
     cluster: Option<RwLock<Table>>,
     me: RunnerId,
     version: watch::Sender<u64>,
+    /// The runner owning this shard is the cluster's leader.
+    leader_shard: Option<ShardId>,
+    leader: Arc<LeaderStatus>,
 }
 
+/// The name whose shard makes its owner the cluster's leader.
+pub(crate) const LEADER_NAME: &str = "flotilla.leader";
+
 impl Ownership {
-    /// One runner owns every shard (SQLite, memory).
-    pub(crate) fn single(me: RunnerId) -> Self {
+    /// One runner owns every shard (SQLite, memory): it leads.
+    pub(crate) fn single(me: RunnerId, leader: Arc<LeaderStatus>) -> Self {
+        leader.set(true);
         Self {
             cluster: None,
             me,
             version: watch::Sender::new(0),
+            leader_shard: None,
+            leader,
         }
     }
 
-    /// A cluster member (or client-only process) that owns nothing yet.
-    pub(crate) fn cluster(me: RunnerId) -> Self {
+    /// A cluster member (or client-only process) that owns nothing yet:
+    /// it leads while it owns the shard of [`LEADER_NAME`] (of `shards`).
+    pub(crate) fn cluster(me: RunnerId, leader: Arc<LeaderStatus>, shards: u32) -> Self {
+        leader.set(false);
         Self {
             cluster: Some(RwLock::new(Table::default())),
             me,
             version: watch::Sender::new(0),
+            leader_shard: Some(ShardId::for_entity(DEFAULT_GROUP, LEADER_NAME, shards)),
+            leader,
         }
+    }
+
+    /// Whether this runner leads now.
+    pub(crate) fn is_leader(&self) -> bool {
+        self.leader.get().unwrap_or(false)
     }
 
     /// Whether this is a cluster member (as opposed to a single runner).
@@ -82,11 +101,14 @@ impl Ownership {
 
     fn update(&self, change: impl FnOnce(&mut Table)) {
         if let Some(table) = &self.cluster {
-            change(
-                &mut table
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
+            let mut table = table
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            change(&mut table);
+            if let Some(shard) = &self.leader_shard {
+                self.leader.set(table.owned.contains_key(shard));
+            }
+            drop(table);
             self.version.send_modify(|v| *v += 1);
         }
     }
@@ -222,7 +244,8 @@ mod tests {
 
     #[test]
     fn a_single_runner_owns_every_shard_without_a_fence() {
-        let o = Ownership::single(RunnerId::new("me"));
+        let o = Ownership::single(RunnerId::new("me"), Arc::default());
+        assert!(o.is_leader());
         assert_eq!(o.route(&ShardId::default_group(3)), Route::Local(None));
         assert_eq!(o.fence(&ShardId::default_group(3)), Some(None));
         assert_eq!(o.filter(), ShardFilter::All);
@@ -231,7 +254,8 @@ mod tests {
     #[test]
     fn a_cluster_member_routes_by_ownership_then_assignment() {
         let me = RunnerId::new("a");
-        let o = Ownership::cluster(me.clone());
+        let o = Ownership::cluster(me.clone(), Arc::default(), 8);
+        assert!(!o.is_leader());
         let shard = ShardId::default_group(0);
         assert_eq!(o.route(&shard), Route::Unassigned);
         let runners = [
@@ -264,6 +288,14 @@ mod tests {
         assert_eq!(o.route(&mine), Route::Local(Some(fence.clone())));
         assert_eq!(o.fence(&mine), Some(Some(fence)));
         assert_eq!(o.filter(), ShardFilter::Only(vec![mine.clone()]));
+        let leader_shard = ShardId::for_entity(DEFAULT_GROUP, LEADER_NAME, 8);
+        o.add_owned([(leader_shard.clone(), Epoch(1))]);
+        assert!(
+            o.is_leader(),
+            "owning the leader shard makes this runner lead"
+        );
+        o.remove_owned(&HashSet::from([leader_shard]));
+        assert!(!o.is_leader());
         assert_eq!(o.clear_owned(), HashSet::from([mine.clone()]));
         assert_eq!(o.fence(&mine), None);
         assert_eq!(o.route(&mine), Route::Unassigned);

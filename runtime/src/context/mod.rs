@@ -276,7 +276,6 @@ const LEADER: u8 = 2;
 impl LeaderStatus {
     /// Records that this runner now runs (`true`) or no longer runs
     /// (`false`) the leader singleton.
-    #[allow(dead_code)] // called by the leader election (singletons)
     pub(crate) fn set(&self, leader: bool) {
         self.0
             .store(if leader { LEADER } else { FOLLOWER }, Ordering::Release);
