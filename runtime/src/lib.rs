@@ -55,6 +55,7 @@ mod config;
 pub mod entity;
 mod error;
 pub mod sharding;
+pub mod singleton;
 pub mod snowflake;
 pub mod storage;
 pub mod time;
@@ -69,6 +70,7 @@ pub use error::{
 };
 pub use flotilla_macros::{entity, rpc};
 pub use sharding::{EntityAddress, RunnerId, ShardId};
+pub use singleton::{Singleton, SingletonContext, SingletonHealth, SingletonOptions};
 pub use snowflake::{Snowflake, SnowflakeGenerator};
 
 /// What most programs need: `use flotilla::prelude::*;`.
