@@ -26,7 +26,7 @@ use crate::sharding::{DEFAULT_GROUP, EntityAddress, ShardId};
 use crate::snowflake::now_unix_ms;
 use crate::storage::{
     Completion, CompletionOutcome, EntityState, Fence, Headers, MessageId, MessageKey, NewMessage,
-    SaveOutcome, StoredMessage, StoredReply,
+    SaveOutcome, Statement, StoredMessage, StoredReply,
 };
 use crate::time::Clock;
 
@@ -420,6 +420,13 @@ fn decode_state<S: serde::de::DeserializeOwned + Default>(name: &str, bytes: &[u
     })
 }
 
+/// Statements staged by a run, committed with its record.
+type Staged = Arc<Mutex<Vec<Statement>>>;
+
+fn take(staged: &Staged) -> Vec<Statement> {
+    std::mem::take(&mut *staged.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
 fn context<S>(
     svc: &Arc<Services>,
     slot: &Arc<Slot>,
@@ -427,8 +434,10 @@ fn context<S>(
     token: &CancellationToken,
     state: &Arc<Mutex<S>>,
     scheduled: Option<SystemTime>,
+    staged: &Staged,
 ) -> SingletonContext<S> {
     SingletonContext {
+        staged: staged.clone(),
         name: slot.name,
         shard: slot.shard.clone(),
         scheduled,
@@ -471,7 +480,8 @@ async fn run_plain<T: Singleton>(
     let grace = svc.config.fence_after / 4;
     let mut delay = FIRST_BACKOFF;
     loop {
-        let ctx = context(svc, slot, fence, token, &state, None);
+        let staged = Staged::default();
+        let ctx = context(svc, slot, fence, token, &state, None, &staged);
         let mut run = AssertUnwindSafe(T::run(ctx)).catch_unwind();
         let outcome = tokio::select! {
             outcome = &mut run => outcome,
@@ -487,7 +497,7 @@ async fn run_plain<T: Singleton>(
         match outcome {
             Ok(Ok(())) => {
                 if let Some(bytes) = encode_state(slot.name, &state)
-                    && let Err(error) = save_state(svc, slot, fence, bytes).await
+                    && let Err(error) = save_state(svc, slot, fence, bytes, &staged).await
                 {
                     tracing::warn!(singleton = slot.name, %error, "saving singleton state failed");
                 }
@@ -519,6 +529,7 @@ pub(crate) async fn save_state(
     slot: &Slot,
     fence: &Option<Fence>,
     state: Vec<u8>,
+    staged: &Staged,
 ) -> Result<(), SingletonError> {
     let mut record = {
         let status = slot.status();
@@ -538,6 +549,7 @@ pub(crate) async fn save_state(
         deliver_at: None,
         created_at: now_unix_ms() as i64,
     };
+    let effects = take(staged);
     let outcome = complete(
         svc,
         slot,
@@ -546,13 +558,15 @@ pub(crate) async fn save_state(
         id,
         StoredReply::Ok(Vec::new()),
         &record,
+        effects,
     )
     .await?;
     match outcome {
-        CompletionOutcome::Recorded | CompletionOutcome::EffectsFailed(_) => {
+        CompletionOutcome::Recorded => {
             slot.status().saved = record;
             Ok(())
         }
+        CompletionOutcome::EffectsFailed(message) => Err(SingletonError::EffectsFailed(message)),
         CompletionOutcome::Fenced { .. } | CompletionOutcome::AlreadyProcessed(_) => {
             Err(SingletonError::Moved(slot.name.to_owned()))
         }
@@ -563,6 +577,7 @@ pub(crate) async fn save_state(
 /// `record` as the singleton's state. The save is queued first, so a
 /// crash in between leaves it stored and the completion undone (the tick
 /// runs again), never the reverse.
+#[allow(clippy::too_many_arguments)]
 async fn complete(
     svc: &Services,
     slot: &Slot,
@@ -571,6 +586,7 @@ async fn complete(
     id: MessageId,
     reply: StoredReply,
     record: &Record,
+    effects: Vec<Statement>,
 ) -> Result<CompletionOutcome, SingletonError> {
     let bytes = codec::encode("singleton record", record)?;
     let completion = Completion {
@@ -581,7 +597,7 @@ async fn complete(
             entity_id: slot.name.to_owned(),
             bytes,
         }),
-        effects: Vec::new(),
+        effects,
         fence: fence.clone(),
     };
     let saved = async {
@@ -697,6 +713,7 @@ async fn run_cron<T: Singleton>(
         let now = to_ms(clock.now());
         let late_ms = now - at;
         let mut next_record = record.clone();
+        let staged = Staged::default();
         let reply = if late_ms > skip_ms {
             tracing::warn!(
                 singleton = slot.name,
@@ -707,7 +724,7 @@ async fn run_cron<T: Singleton>(
             next_record.cursor_ms = Some(now);
             StoredReply::Ok(encode_outcome(&TickOutcome::Skipped { late_ms }))
         } else {
-            let ctx = context(svc, slot, fence, token, &state, Some(from_ms(at)));
+            let ctx = context(svc, slot, fence, token, &state, Some(from_ms(at)), &staged);
             let outcome = AssertUnwindSafe(T::run(ctx)).catch_unwind().await;
             let ended = clock.now();
             slot.executed(ended);
@@ -721,12 +738,14 @@ async fn run_cron<T: Singleton>(
                     StoredReply::Ok(encode_outcome(&TickOutcome::Ran))
                 }
                 Ok(Err(error)) => {
+                    take(&staged);
                     tracing::warn!(singleton = slot.name, %error, "cron tick failed; its state changes are dropped");
                     *state.lock().unwrap_or_else(PoisonError::into_inner) =
                         decode_state(slot.name, &record.state);
                     StoredReply::Ok(encode_outcome(&TickOutcome::Failed(error)))
                 }
                 Err(panic) => {
+                    take(&staged);
                     let message = panic_message(&*panic);
                     tracing::error!(singleton = slot.name, panic = %message, "cron tick panicked; its state changes are dropped");
                     *state.lock().unwrap_or_else(PoisonError::into_inner) =
@@ -739,15 +758,23 @@ async fn run_cron<T: Singleton>(
             .cursor_ms
             .and_then(|cursor| schedule.next_after(cursor))
             .map(|at| tick_message(svc, slot, at));
-        match complete(svc, slot, fence, next, id, reply, &next_record).await {
-            Ok(CompletionOutcome::Recorded | CompletionOutcome::EffectsFailed(_)) => {
+        let effects = take(&staged);
+        match complete(svc, slot, fence, next, id, reply, &next_record, effects).await {
+            Ok(CompletionOutcome::Recorded) => {
                 record = next_record;
                 slot.status().saved = record.clone();
             }
-            Ok(CompletionOutcome::AlreadyProcessed(_)) => {
+            Ok(
+                outcome @ (CompletionOutcome::AlreadyProcessed(_)
+                | CompletionOutcome::EffectsFailed(_)),
+            ) => {
+                // Effects failed: the tick is recorded as failed and the
+                // record rolled back; already processed: another run
+                // recorded it. Either way storage knows best.
                 tracing::warn!(
                     singleton = slot.name,
-                    "cron tick was already processed; reloading"
+                    ?outcome,
+                    "cron tick not recorded as run; reloading the stored record"
                 );
                 let Some(reloaded) = load(svc, clock, slot, token).await else {
                     return;

@@ -30,7 +30,7 @@ use crate::cluster::Services;
 use crate::error::{EncodeError, StorageError};
 use crate::sharding::{RunnerId, ShardId};
 use crate::snowflake::Snowflake;
-use crate::storage::Fence;
+use crate::storage::{Fence, Statement};
 
 /// The internal entity type that singleton ticks and state are stored under.
 pub const SINGLETON_TYPE: &str = "flotilla.singleton";
@@ -100,6 +100,9 @@ pub enum SingletonError {
     /// This runner no longer owns the singleton's shard: another runner runs it now.
     #[error("singleton `{0}` moved to another runner; its state was not saved")]
     Moved(String),
+    /// A staged effect failed: neither the effects nor the state were saved.
+    #[error("a staged effect failed, nothing was saved: {0}")]
+    EffectsFailed(String),
 }
 
 /// The health of one singleton as this runner sees it.
@@ -127,6 +130,7 @@ pub struct SingletonContext<S = ()> {
     pub(crate) fence: Option<Fence>,
     pub(crate) stop: tokio_util::sync::CancellationToken,
     pub(crate) slot: Arc<manager::Slot>,
+    pub(crate) staged: Arc<Mutex<Vec<Statement>>>,
 }
 
 impl<S> fmt::Debug for SingletonContext<S> {
@@ -194,6 +198,17 @@ impl<S> SingletonContext<S> {
         *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
     }
 
+    /// Stages a SQL statement that commits in the same transaction as this
+    /// run's record (a cron tick's completion, or the state saved after a
+    /// plain singleton's run or by [`save_state`](Self::save_state)), so it
+    /// takes effect exactly once per tick. Dropped if the run fails.
+    pub fn stage(&self, statement: Statement) {
+        self.staged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(statement);
+    }
+
     /// A copy of the state.
     pub fn state(&self) -> S
     where
@@ -215,6 +230,6 @@ impl<S: Serialize> SingletonContext<S> {
             let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             crate::codec::encode("singleton state", &*state)?
         };
-        manager::save_state(&self.svc, &self.slot, &self.fence, bytes).await
+        manager::save_state(&self.svc, &self.slot, &self.fence, bytes, &self.staged).await
     }
 }
