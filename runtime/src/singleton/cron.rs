@@ -161,15 +161,34 @@ mod tests {
 
     #[test]
     fn dst_gaps_and_overlaps_fire_once() {
-        // 2026-03-29 02:30 does not exist in Paris (clocks jump 02:00 -> 03:00).
+        // 2026-03-29 02:30 does not exist in Paris (02:00 CET -> 03:00 CEST):
+        // a fixed-time job runs once, when the gap ends (03:00 CEST).
         let gap = Schedule::parse("30 2 * * *", Some("Europe/Paris")).unwrap();
-        let next = gap.next_after(ms("2026-03-28T12:00:00Z")).unwrap();
-        let after = gap.next_after(next).unwrap();
-        assert!(after - next >= 23 * 3_600_000, "{next} {after}");
-        // 2026-10-25 02:30 happens twice in Paris (03:00 -> 02:00).
+        let first = gap.next_after(ms("2026-03-28T12:00:00Z")).unwrap();
+        assert_eq!(first, ms("2026-03-29T01:00:00Z"));
+        assert_eq!(gap.next_after(first), Some(ms("2026-03-30T00:30:00Z")));
+        // 2026-10-25 02:30 happens twice in Paris (03:00 CEST -> 02:00 CET):
+        // a fixed-time job runs on the first pass only.
         let overlap = Schedule::parse("30 2 * * *", Some("Europe/Paris")).unwrap();
         let first = overlap.next_after(ms("2026-10-24T12:00:00Z")).unwrap();
-        let second = overlap.next_after(first).unwrap();
-        assert!(second - first >= 23 * 3_600_000, "{first} {second}");
+        assert_eq!(first, ms("2026-10-25T00:30:00Z"));
+        assert_eq!(overlap.next_after(first), Some(ms("2026-10-26T01:30:00Z")));
+        // An interval job keeps its pace in real time through the repeated hour.
+        let half_hourly = Schedule::parse("*/30 * * * *", Some("Europe/Paris")).unwrap();
+        let mut at = ms("2026-10-25T00:10:00Z");
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            at = half_hourly.next_after(at).unwrap();
+            seen.push(at);
+        }
+        assert_eq!(
+            seen,
+            [
+                ms("2026-10-25T00:30:00Z"),
+                ms("2026-10-25T01:00:00Z"),
+                ms("2026-10-25T01:30:00Z"),
+                ms("2026-10-25T02:00:00Z"),
+            ]
+        );
     }
 }

@@ -55,12 +55,15 @@ enum TickOutcome {
     Skipped { late_ms: i64 },
 }
 
+/// Runs the manager task of one singleton type.
+pub(crate) type Manage = fn(Arc<Services>, Arc<dyn Clock>, Arc<Slot>) -> BoxFuture<'static, ()>;
+
 /// A singleton type as registered on the builder.
 #[derive(Clone, Copy)]
 pub(crate) struct Registration {
     pub(crate) name: &'static str,
     pub(crate) options: SingletonOptions,
-    pub(crate) manage: fn(Arc<Services>, Arc<dyn Clock>, Arc<Slot>) -> BoxFuture<'static, ()>,
+    pub(crate) manage: Manage,
 }
 
 impl std::fmt::Debug for Registration {
