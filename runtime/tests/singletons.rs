@@ -531,3 +531,102 @@ async fn a_singleton_runs_on_one_runner_and_moves_with_its_state_on_shutdown() {
     );
     assert!(other.shutdown().await);
 }
+
+// ---- metrics and leftovers ------------------------------------------------------
+
+static GAUGED_RUNS: AtomicU32 = AtomicU32::new(0);
+
+struct Gauged;
+
+impl Singleton for Gauged {
+    const NAME: &'static str = "gauged";
+    type State = ();
+    fn options() -> SingletonOptions {
+        SingletonOptions::DEFAULT
+    }
+    fn run(_: SingletonContext) -> SingletonFuture {
+        Box::pin(async {
+            GAUGED_RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn each_run_sets_the_last_execution_gauge_and_a_leftover_state_save_is_closed() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    // The only test of this file that installs a recorder (one per process).
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder.install().unwrap();
+
+    // A state save whose completion never committed (a crash in between).
+    let storage = Arc::new(MemoryStorage::new());
+    let leftover = StoredMessage {
+        id: MessageId(42),
+        address: flotilla::EntityAddress {
+            entity_type: "flotilla.singleton".into(),
+            entity_id: "gauged".into(),
+            shard: flotilla::ShardId::for_entity("default", "gauged", 300),
+        },
+        tag: "state".to_owned(),
+        key: None,
+        payload: Vec::new(),
+        headers: Default::default(),
+        deliver_at: None,
+        created_at: 1,
+    };
+    storage
+        .write(WriteBatch {
+            saves: vec![leftover],
+            completions: Vec::new(),
+        })
+        .await
+        .unwrap();
+
+    let cluster = Cluster::builder()
+        .storage(Arc::new(Shared(storage.clone())))
+        .safety_poll(Duration::from_millis(50))
+        .singleton::<Gauged>()
+        .start()
+        .await
+        .unwrap();
+    until("the run ends", Duration::from_secs(5), || {
+        cluster.singleton_health()[0].last_execution.is_some()
+    })
+    .await;
+    let last = cluster.singleton_health()[0].last_execution.unwrap();
+    let expected = last.duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    let snapshot = snapshotter.snapshot().into_vec();
+    let gauge = snapshot.iter().find(|(key, _, _, _)| {
+        key.key().name() == "flotilla_singleton_last_execution_seconds"
+            && key
+                .key()
+                .labels()
+                .any(|l| l.key() == "name" && l.value() == "gauged")
+    });
+    match gauge {
+        Some((_, _, _, DebugValue::Gauge(v))) => assert_eq!(v.into_inner(), expected),
+        other => panic!("no last-execution gauge: {other:?}"),
+    }
+    let query = || UnprocessedQuery {
+        ready_at: i64::MAX,
+        after: None,
+        limit: 100,
+        shards: ShardFilter::All,
+    };
+    let start = Instant::now();
+    while !storage.unprocessed(query()).await.unwrap().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the leftover state save is still unprocessed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(
+        storage.reply(MessageId(42)).await.unwrap(),
+        Some(StoredReply::Rejected(_))
+    ));
+    assert_eq!(GAUGED_RUNS.load(Ordering::SeqCst), 1);
+    assert!(cluster.shutdown().await);
+}

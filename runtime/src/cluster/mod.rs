@@ -656,7 +656,7 @@ impl ClusterBuilder {
             .map(|(name, make)| (name, make(svc.clone())))
             .collect();
         let singletons = Arc::new(
-            Registry::new(&extras.singletons, svc.config.shards, extras.clock).map_err(
+            Registry::new(&extras.singletons, svc.clone(), extras.clock).map_err(
                 |(name, error)| crate::error::ConfigError::Invalid {
                     setting: "singleton",
                     reason: format!("singleton `{name}`: {error}"),

@@ -30,6 +30,9 @@ use crate::storage::{
 };
 use crate::time::Clock;
 
+/// The tag of the messages that carry a plain singleton's state saves.
+const STATE_TAG: &str = "state";
+
 /// First delay before a failed plain singleton runs again; doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -176,19 +179,32 @@ impl Slot {
 
 /// Every singleton registered on this runner. It is also the dispatch
 /// target of the internal type `flotilla.singleton` in the delivery loop.
-#[derive(Debug)]
 pub(crate) struct Registry {
     slots: Vec<(Arc<Slot>, Registration)>,
     clock: Arc<dyn Clock>,
+    svc: Arc<Services>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field(
+                "slots",
+                &self.slots.iter().map(|(s, _)| s.name).collect::<Vec<_>>(),
+            )
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Registry {
     /// Slots for `registrations` (schedules already validated by `parse`).
     pub(crate) fn new(
         registrations: &[Registration],
-        shards: u32,
+        svc: Arc<Services>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, (&'static str, ScheduleError)> {
+        let shards = svc.config.shards;
         let mut slots = Vec::with_capacity(registrations.len());
         for registration in registrations {
             let schedule = registration
@@ -209,7 +225,7 @@ impl Registry {
             };
             slots.push((Arc::new(slot), *registration));
         }
-        Ok(Self { slots, clock })
+        Ok(Self { slots, clock, svc })
     }
 
     /// Whether any singleton is registered.
@@ -263,9 +279,37 @@ impl Registry {
 }
 
 impl StoredDispatch for Registry {
-    /// Ticks and state records are handled by the singleton's own manager
-    /// task (it knows their instants); the delivery loop leaves them be.
-    fn dispatch_stored(&self, _message: StoredMessage) -> bool {
+    /// Ticks are handled by the singleton's own manager task (it knows
+    /// their instants); the delivery loop leaves them be. A state message
+    /// found unprocessed and not in flight is the remnant of a save whose
+    /// completion never committed (a crash in between, or a fenced
+    /// completion): it is closed as abandoned, so it does not linger.
+    fn dispatch_stored(&self, message: StoredMessage) -> bool {
+        if message.tag != STATE_TAG || !self.svc.in_flight.claim(message.id) {
+            return true;
+        }
+        let id = message.id;
+        let Some(fence) = self.svc.ownership.fence(&message.address.shard) else {
+            self.svc.in_flight.release(id);
+            return true;
+        };
+        let svc = self.svc.clone();
+        self.svc.tasks.spawn(async move {
+            let completion = Completion {
+                message_id: id,
+                reply: StoredReply::Rejected("singleton state save abandoned".to_owned()),
+                state: None,
+                effects: Vec::new(),
+                fence,
+            };
+            match svc.writer.complete(completion).await {
+                Ok(_) => svc.in_flight.completed(id),
+                Err(error) => {
+                    tracing::debug!(%error, "closing an abandoned singleton state save failed");
+                    svc.in_flight.release(id);
+                }
+            }
+        });
         true
     }
 
@@ -545,7 +589,7 @@ pub(crate) async fn save_state(
     let message = NewMessage {
         id,
         address: slot.address(),
-        tag: "state".to_owned(),
+        tag: STATE_TAG.to_owned(),
         key: None,
         payload: Vec::new(),
         headers: Headers::new(),
@@ -553,6 +597,8 @@ pub(crate) async fn save_state(
         created_at: now_unix_ms() as i64,
     };
     let effects = take(staged);
+    // In flight from the start: the delivery scan must not take it for abandoned.
+    svc.in_flight.claim(id);
     let outcome = complete(
         svc,
         slot,
@@ -563,7 +609,14 @@ pub(crate) async fn save_state(
         &record,
         effects,
     )
-    .await?;
+    .await;
+    match &outcome {
+        Ok(CompletionOutcome::Recorded | CompletionOutcome::EffectsFailed(_)) => {
+            svc.in_flight.completed(id);
+        }
+        _ => svc.in_flight.release(id),
+    }
+    let outcome = outcome?;
     match outcome {
         CompletionOutcome::Recorded => {
             slot.status().saved = record;
