@@ -30,6 +30,9 @@ mod entities {}
 #[doc = include_str!("../../book/src/persisted.md")]
 mod persisted {}
 
+#[doc = include_str!("../../book/src/singletons.md")]
+mod singletons {}
+
 #[doc = include_str!("../../book/src/storage.md")]
 mod storage {}
 

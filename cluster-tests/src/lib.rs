@@ -44,6 +44,7 @@ mod db;
 mod entities;
 mod error;
 mod runner;
+mod singletons;
 
 use std::time::Duration;
 
@@ -55,6 +56,9 @@ pub use entities::{
 };
 pub use error::HarnessError;
 pub use runner::{PARENT_WATCH_ENV, Runner, RunnerSpec, process_state};
+pub use singletons::{
+    COUNTER_ROW, SINGLETONS_ENV, TICKER_ROW, TestCounter, TestTicker, test_counter, test_ticker,
+};
 
 /// Held by a test for its whole run, so cluster tests run one at a time
 /// (they share PostgreSQL and the machine's cores).

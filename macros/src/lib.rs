@@ -1,4 +1,4 @@
-//! Attribute macros of Flotilla: `#[entity]` and `#[rpc]`.
+//! Attribute macros of Flotilla: `#[entity]`, `#[rpc]` and `#[singleton]`.
 //!
 //! Use them through the `flotilla` crate (`use flotilla::prelude::*;`), which
 //! re-exports them and provides the `::flotilla::__private` path that the
@@ -14,6 +14,7 @@ mod duration;
 mod entity;
 mod errors;
 mod options;
+mod singleton;
 
 /// Makes an entity type from an inherent `impl` block.
 ///
@@ -42,6 +43,34 @@ mod options;
 pub fn entity(attr: TokenStream, item: TokenStream) -> TokenStream {
     let item = proc_macro2::TokenStream::from(item);
     errors::catch_panics("entity", item.clone(), || entity::expand(attr.into(), item)).into()
+}
+
+/// Makes a singleton from an `async fn(ctx: SingletonContext<S>) -> Result<(), E>`.
+///
+/// ```ignore
+/// #[singleton(cron = "0 */5 * * * *", timezone = "Europe/Paris",
+///             skip_if_older_than = "10m", state = ReportState)]
+/// async fn nightly_report(ctx: SingletonContext<ReportState>) -> Result<(), ReportError> {
+///     ctx.with_state(|s| s.runs += 1);
+///     Ok(())
+/// }
+/// ```
+///
+/// The function is emitted as written, followed by a unit struct named after
+/// it in CamelCase (`NightlyReport`) that implements `flotilla::Singleton`;
+/// register it with `Cluster::builder().singleton::<NightlyReport>()`.
+/// Options: `name = "..."` (default the function's name), `cron = "..."`
+/// (5 fields, or 6 with seconds first; checked at compile time),
+/// `timezone = "Area/City"` (IANA, checked at compile time),
+/// `skip_if_older_than = "1m"` (the default), `state = T` (default the
+/// `S` of `SingletonContext<S>`, else `()`).
+#[proc_macro_attribute]
+pub fn singleton(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let item = proc_macro2::TokenStream::from(item);
+    errors::catch_panics("singleton", item.clone(), || {
+        singleton::expand(attr.into(), item)
+    })
+    .into()
 }
 
 /// Marks an `async fn` of an `#[entity]` impl block as an rpc.

@@ -150,11 +150,11 @@ pub(crate) fn parse_rpc(attr: &Attribute, errors: &mut Errors) -> RpcOptions {
 
 /// Options already given, to report a repeated one.
 #[derive(Default)]
-struct Seen(Vec<String>);
+pub(crate) struct Seen(Vec<String>);
 
 impl Seen {
     /// False (and an error on `key`) when `key` was given before.
-    fn first(&mut self, key: &Ident, errors: &mut Errors) -> bool {
+    pub(crate) fn first(&mut self, key: &Ident, errors: &mut Errors) -> bool {
         let name = key.to_string();
         if self.0.contains(&name) {
             errors.error_spanned_by(key, format!("`{name}` set multiple times"));
@@ -165,7 +165,7 @@ impl Seen {
     }
 }
 
-fn parse_list(args: TokenStream, errors: &mut Errors) -> Vec<Meta> {
+pub(crate) fn parse_list(args: TokenStream, errors: &mut Errors) -> Vec<Meta> {
     match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(args) {
         Ok(list) => list.into_iter().collect(),
         Err(error) => {
@@ -176,7 +176,12 @@ fn parse_list(args: TokenStream, errors: &mut Errors) -> Vec<Meta> {
 }
 
 /// The option's name, when it is a single identifier.
-fn option_key(meta: &Meta, attribute: &str, valid: &str, errors: &mut Errors) -> Option<Ident> {
+pub(crate) fn option_key(
+    meta: &Meta,
+    attribute: &str,
+    valid: &str,
+    errors: &mut Errors,
+) -> Option<Ident> {
     match meta.path().get_ident() {
         Some(ident) => Some(ident.clone()),
         None => {
@@ -190,7 +195,7 @@ fn option_key(meta: &Meta, attribute: &str, valid: &str, errors: &mut Errors) ->
 }
 
 /// The value of `key = value`; an error showing `example` when there is none.
-fn value<'m>(meta: &'m Meta, example: &str, errors: &mut Errors) -> Option<&'m Expr> {
+pub(crate) fn value<'m>(meta: &'m Meta, example: &str, errors: &mut Errors) -> Option<&'m Expr> {
     match meta {
         Meta::NameValue(name_value) => Some(&name_value.value),
         _ => {
@@ -205,7 +210,7 @@ fn value<'m>(meta: &'m Meta, example: &str, errors: &mut Errors) -> Option<&'m E
     }
 }
 
-fn string_value(meta: &Meta, example: &str, errors: &mut Errors) -> Option<LitStr> {
+pub(crate) fn string_value(meta: &Meta, example: &str, errors: &mut Errors) -> Option<LitStr> {
     let value = value(meta, example, errors)?;
     match value {
         Expr::Lit(ExprLit {
@@ -244,7 +249,7 @@ fn mailbox_value(meta: &Meta, errors: &mut Errors) -> Option<usize> {
     capacity
 }
 
-fn expr_ident(expr: &Expr) -> Option<&Ident> {
+pub(crate) fn expr_ident(expr: &Expr) -> Option<&Ident> {
     match expr {
         Expr::Path(path) if path.qself.is_none() && path.attrs.is_empty() => path.path.get_ident(),
         _ => None,

@@ -331,6 +331,9 @@ pub enum StartError {
     /// Two registered entity types share a name.
     #[error("entity type `{0}` is registered twice")]
     DuplicateEntityType(&'static str),
+    /// Two registered singletons share a name.
+    #[error("singleton `{0}` is registered twice")]
+    DuplicateSingleton(&'static str),
     /// The runner transport could not listen on its address.
     #[error("the runner transport cannot listen on {addr}: {source}")]
     Listen {

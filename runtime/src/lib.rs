@@ -58,6 +58,7 @@ mod error;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod sharding;
+pub mod singleton;
 pub mod snowflake;
 pub mod storage;
 pub mod time;
@@ -70,15 +71,16 @@ pub use entity::{Entity, EntityContext, EntityOptions, RequestInfo, StageError};
 pub use error::{
     ClusterError, ConfigError, DecodeError, EncodeError, SetupError, StartError, StorageError,
 };
-pub use flotilla_macros::{entity, rpc};
+pub use flotilla_macros::{entity, rpc, singleton};
 pub use sharding::{EntityAddress, RunnerId, ShardId};
+pub use singleton::{Singleton, SingletonContext, SingletonHealth, SingletonOptions};
 pub use snowflake::{Snowflake, SnowflakeGenerator};
 
 /// What most programs need: `use flotilla::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Cluster, ClusterConfig, ClusterError, EntityContext, EntityRef, ShardId, Snowflake, entity,
-        rpc,
+        Cluster, ClusterConfig, ClusterError, EntityContext, EntityRef, ShardId, SingletonContext,
+        Snowflake, entity, rpc, singleton,
     };
     pub use serde::{Deserialize, Serialize};
 }
@@ -101,6 +103,12 @@ pub mod __private {
     pub use crate::client::EntityRef;
     pub use crate::entity::{Entity, EntityContext, EntityOptions, HandlerFuture, RequestInfo};
     pub use crate::error::{ClusterError, DecodeError, EncodeError};
+    pub use crate::singleton::{Singleton, SingletonContext, SingletonFuture, SingletonOptions};
+
+    /// Renders a singleton's error for the log and the tick's record.
+    pub fn singleton_error<E: ::std::fmt::Display + ?Sized>(error: &E) -> String {
+        error.to_string()
+    }
 
     /// Renders a `primary_key` argument as the dedup key.
     pub fn primary_key<T: ::std::fmt::Display + ?Sized>(value: &T) -> String {

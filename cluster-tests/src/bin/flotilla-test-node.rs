@@ -18,7 +18,9 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use flotilla::prelude::*;
-use flotilla_cluster_tests::{PARENT_WATCH_ENV, Probe, Work};
+use flotilla_cluster_tests::{
+    PARENT_WATCH_ENV, Probe, SINGLETONS_ENV, TestCounter, TestTicker, Work,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -36,12 +38,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cluster = match Cluster::builder()
-        .config(config)
-        .register::<Probe>()
-        .start()
-        .await
-    {
+    let mut builder = Cluster::builder().config(config).register::<Probe>();
+    if std::env::var(SINGLETONS_ENV).is_ok_and(|v| v == "1") {
+        builder = builder.singleton::<TestTicker>().singleton::<TestCounter>();
+    }
+    let cluster = match builder.start().await {
         Ok(cluster) => cluster,
         Err(error) => {
             eprintln!("flotilla-test-node: start failed: {error}");
