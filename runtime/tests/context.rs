@@ -294,9 +294,9 @@ async fn handlers_see_the_current_context_and_nothing_is_set_outside() {
             seen.ctx_shard.parse::<ShardId>().unwrap(),
             flotilla::sharding::ShardId::for_entity("default", "p-1", 300)
         );
-        // No leader election on this runner: unknown, in both views.
-        assert_eq!(seen.is_leader, None);
-        assert_eq!(seen.ctx_is_leader, None);
+        // A single runner leads, in both views.
+        assert_eq!(seen.is_leader, Some(true));
+        assert_eq!(seen.ctx_is_leader, Some(true));
         assert!(seen.trace_id.is_some() && seen.span_id.is_some());
         assert_eq!(seen.span_id, seen.ctx_span_id);
         // Sent from outside any handler: the runner, no shard.

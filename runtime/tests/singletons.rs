@@ -58,6 +58,13 @@ impl Singleton for Plain {
         Box::pin(async move {
             assert!(ctx.is_leader(), "a single runner leads");
             assert!(ctx.scheduled_at().is_none());
+            // The run sees the cluster context like any handler.
+            assert_eq!(flotilla::context::is_leader(), Some(true));
+            assert!(flotilla::context::runner_id().is_some());
+            assert_eq!(
+                flotilla::context::shard_id(),
+                Some(ShardId::for_entity("default", "plain", 300))
+            );
             let n = PLAIN_RUNS.fetch_add(1, Ordering::SeqCst) + 1;
             match n {
                 1 => Err("first run fails".to_owned()),

@@ -212,13 +212,6 @@ impl Cluster {
         &self.core.storage
     }
 
-    /// Whether this runner is the cluster's leader: it owns the shard of the
-    /// name `flotilla.leader` (always true on a single runner). Leader-only
-    /// work can check it; it changes when that shard moves.
-    pub fn is_leader(&self) -> bool {
-        self.core.ownership.is_leader()
-    }
-
     /// The shards this runner owns now, sorted (every shard on a single
     /// runner is owned implicitly: empty there).
     pub fn owned_shards(&self) -> Vec<crate::sharding::ShardId> {

@@ -54,8 +54,7 @@ pub(crate) struct Ownership {
     leader: Arc<LeaderStatus>,
 }
 
-/// The name whose shard makes its owner the cluster's leader.
-pub(crate) const LEADER_NAME: &str = "flotilla.leader";
+use crate::singleton::LEADER_NAME;
 
 impl Ownership {
     /// One runner owns every shard (SQLite, memory): it leads.

@@ -129,8 +129,8 @@ impl ClusterContext {
     }
 
     /// Whether this runner runs the cluster's leader singleton now (read
-    /// live: it follows the leader when it moves). `None` while the runner
-    /// does not know (no leader election configured).
+    /// live: it follows the leader when it moves): the runner owning the shard
+    /// of `flotilla.leader` leads; a single runner always does.
     pub fn is_leader(&self) -> Option<bool> {
         self.leader.get()
     }
@@ -265,8 +265,8 @@ pub(crate) fn outgoing_headers(runner: &RunnerId) -> Headers {
 /// Whether a runner runs the cluster's leader singleton, shared by every
 /// context of the runner so that handlers see it change while they run.
 ///
-/// The leader election sets it with [`LeaderStatus::set`]; until then it is
-/// unknown and `is_leader()` returns `None`.
+/// The routing table sets it whenever ownership changes (the owner of the
+/// shard of `flotilla.leader` leads); before that it is unknown.
 #[derive(Debug, Default)]
 pub(crate) struct LeaderStatus(AtomicU8);
 

@@ -15,8 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cron::{Schedule, ScheduleError};
 use super::{
-    LEADER_NAME, SINGLETON_TYPE, Singleton, SingletonContext, SingletonError, SingletonHealth,
-    SingletonOptions,
+    SINGLETON_TYPE, Singleton, SingletonContext, SingletonError, SingletonHealth, SingletonOptions,
 };
 use crate::cluster::Services;
 use crate::codec;
@@ -351,6 +350,7 @@ impl StoredDispatch for Registry {
         &self,
         _address: EntityAddress,
         _payload: Vec<u8>,
+        _headers: crate::storage::Headers,
     ) -> BoxFuture<'static, Result<Vec<u8>, ClusterError>> {
         Box::pin(std::future::ready(Err(ClusterError::UnknownEntityType(
             SINGLETON_TYPE.to_owned(),
@@ -358,10 +358,22 @@ impl StoredDispatch for Registry {
     }
 }
 
+/// The cluster context a singleton's run sees (`flotilla::context`): its
+/// runner, its shard, the leader flag, a new trace per run.
+fn run_context(svc: &Services, slot: &Slot) -> crate::context::ClusterContext {
+    crate::context::ClusterContext::new(
+        svc.runner.clone(),
+        Some(slot.shard.clone()),
+        svc.leader.clone(),
+        svc.ids.clone(),
+        crate::context::TraceContext::root(),
+        None,
+    )
+}
+
 /// Whether this runner owns the leader shard.
 pub(crate) fn is_leader(svc: &Services) -> bool {
-    let shard = ShardId::for_entity(DEFAULT_GROUP, LEADER_NAME, svc.config.shards);
-    !svc.shutdown.is_cancelled() && svc.ownership.fence(&shard).is_some()
+    !svc.shutdown.is_cancelled() && svc.ownership.is_leader()
 }
 
 /// The manager task of singleton `T`: waits until its shard is owned here,
@@ -529,7 +541,10 @@ async fn run_plain<T: Singleton>(
     loop {
         let staged = Staged::default();
         let ctx = context(svc, slot, fence, token, &state, None, &staged);
-        let mut run = AssertUnwindSafe(T::run(ctx)).catch_unwind();
+        let mut run = Box::pin(
+            AssertUnwindSafe(crate::context::scoped(run_context(svc, slot), T::run(ctx)))
+                .catch_unwind(),
+        );
         let outcome = tokio::select! {
             outcome = &mut run => outcome,
             () = token.cancelled() => match tokio::time::timeout(grace, run).await {
@@ -788,7 +803,10 @@ async fn run_cron<T: Singleton>(
             StoredReply::Ok(encode_outcome(&TickOutcome::Skipped { late_ms }))
         } else {
             let ctx = context(svc, slot, fence, token, &state, Some(from_ms(at)), &staged);
-            let outcome = AssertUnwindSafe(T::run(ctx)).catch_unwind().await;
+            let outcome =
+                AssertUnwindSafe(crate::context::scoped(run_context(svc, slot), T::run(ctx)))
+                    .catch_unwind()
+                    .await;
             let ended = clock.now();
             slot.executed(ended);
             next_record.cursor_ms = Some(at);
