@@ -141,31 +141,19 @@ async fn drive(
     calls: u64,
     persisted: bool,
 ) -> Run {
-    let per_caller = calls / callers;
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..callers)
-        .map(|caller| {
-            let cluster = cluster.clone();
-            let ids = ids.clone();
-            tokio::spawn(async move {
-                let mut latency = measure::latencies();
-                for i in 0..per_caller {
-                    let n = caller * per_caller + i;
-                    let client = cluster.client::<Bench>(&ids[(n % ids.len() as u64) as usize]);
-                    let t = Instant::now();
-                    let reply = if persisted {
-                        client.store(n).await
-                    } else {
-                        client.ping(n).await
-                    };
-                    measure::record(&mut latency, t);
-                    assert_eq!(reply.expect("call"), n);
-                }
-                latency
-            })
-        })
-        .collect();
-    Run::collect(tasks, per_caller * callers, started).await
+    let (cluster, ids) = (cluster.clone(), ids.clone());
+    measure::drive(callers, calls, move |n| {
+        let client = cluster.client::<Bench>(&ids[(n % ids.len() as u64) as usize]);
+        async move {
+            let reply = if persisted {
+                client.store(n).await
+            } else {
+                client.ping(n).await
+            };
+            assert_eq!(reply.expect("call"), n);
+        }
+    })
+    .await
 }
 
 /// RSS growth per active idle entity.

@@ -12,7 +12,7 @@
 mod measure;
 
 use measure::{Run, report};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla::transport::{
     ClusterSecret, Request, TcpTransport, TransportConfig, handler_fn, serve,
@@ -75,26 +75,17 @@ async fn drive(
     calls: u64,
     size: usize,
 ) -> Run {
-    let per_caller = calls / callers;
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..callers)
-        .map(|caller| {
-            let transport = transport.clone();
-            tokio::spawn(async move {
-                let mut latency = measure::latencies();
-                for i in 0..per_caller {
-                    let mut body = vec![0u8; size.max(8)];
-                    body[..8].copy_from_slice(&(caller * per_caller + i).to_le_bytes());
-                    let t = Instant::now();
-                    let reply = transport
-                        .call(addr, Request::new(body.clone()), DEADLINE)
-                        .await;
-                    measure::record(&mut latency, t);
-                    assert_eq!(reply.expect("call"), body);
-                }
-                latency
-            })
-        })
-        .collect();
-    Run::collect(tasks, per_caller * callers, started).await
+    let transport = transport.clone();
+    measure::drive(callers, calls, move |n| {
+        let transport = transport.clone();
+        let mut body = vec![0u8; size.max(8)];
+        body[..8].copy_from_slice(&n.to_le_bytes());
+        async move {
+            let reply = transport
+                .call(addr, Request::new(body.clone()), DEADLINE)
+                .await;
+            assert_eq!(reply.expect("call"), body);
+        }
+    })
+    .await
 }

@@ -46,6 +46,32 @@ impl Run {
     }
 }
 
+/// Runs `calls` calls split over `callers` concurrent tasks; `call(n)`
+/// makes call number `n` (0-based, distinct across callers).
+pub(crate) async fn drive<F, Fut>(callers: u64, calls: u64, call: F) -> Run
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let per_caller = calls / callers;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|caller| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut latency = latencies();
+                for i in 0..per_caller {
+                    let t = Instant::now();
+                    call(caller * per_caller + i).await;
+                    record(&mut latency, t);
+                }
+                latency
+            })
+        })
+        .collect();
+    Run::collect(tasks, per_caller * callers, started).await
+}
+
 /// Prints `name: p50 .. us, p99 .. us, .. calls/s (n calls)`.
 pub(crate) fn report(name: &str, run: Run) {
     let us = |q: f64| run.latency.value_at_quantile(q) as f64 / 1_000.0;
