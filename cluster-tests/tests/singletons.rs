@@ -112,7 +112,7 @@ async fn a_cron_tick_runs_once_cluster_wide_on_three_runners() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sigkilled_singleton_resumes_elsewhere_within_5s_with_its_state() {
+async fn a_singleton_resumes_elsewhere_within_5s_with_its_state_after_sigkill_and_sigterm() {
     let _one_at_a_time = exclusive().await;
     let mut cluster = start(settings(3)).await;
     cluster
@@ -175,10 +175,66 @@ async fn a_sigkilled_singleton_resumes_elsewhere_within_5s_with_its_state() {
     counts.sort_unstable();
     let unique: std::collections::BTreeSet<i64> = counts.iter().copied().collect();
     assert_eq!(unique.len(), counts.len(), "no count saved twice");
-    // The ticker failed over too, and no tick ran twice.
+    // SIGTERM of the new owner: the counter moves on at once.
+    let owner = resumed.runner_id.clone();
+    let index = cluster
+        .runner_ids()
+        .iter()
+        .position(|id| *id == owner)
+        .unwrap();
+    cluster.runner_mut(index).send_term().await.unwrap();
+    let termed_at = Instant::now();
+    // The stopping runner saves its last count before it exits.
+    let status = cluster
+        .runner_mut(index)
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(status.success(), "graceful exit: {status}");
+    let last_saved = rows(&cluster, COUNTER_ROW)
+        .await
+        .iter()
+        .filter(|r| r.runner_id == owner)
+        .map(|r| r.message_id.unwrap())
+        .max()
+        .unwrap();
+    let moved = loop {
+        let after: Vec<AuditRow> = rows(&cluster, COUNTER_ROW)
+            .await
+            .into_iter()
+            .filter(|r| r.runner_id != owner && r.message_id.unwrap() > last_saved)
+            .collect();
+        if let Some(first) = after.into_iter().next() {
+            break first;
+        }
+        assert!(
+            termed_at.elapsed() < Duration::from_secs(8),
+            "the counter did not move after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = termed_at.elapsed();
+    eprintln!(
+        "counter moved to {} {took:?} after SIGTERM",
+        moved.runner_id
+    );
+    assert!(took < Duration::from_secs(5), "moved after {took:?}");
+    assert_eq!(moved.message_id, Some(last_saved + 1));
+    // The ticker failed over twice too, and no tick ran twice.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ticks = ticks(&cluster).await;
     assert!(ticks.values().all(|n| *n == 1), "{ticks:?}");
+    let mut counts: Vec<i64> = rows(&cluster, COUNTER_ROW)
+        .await
+        .iter()
+        .map(|r| r.message_id.unwrap())
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(
+        counts,
+        (1..=counts.len() as i64).collect::<Vec<_>>(),
+        "every count saved once, none lost, across both moves"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

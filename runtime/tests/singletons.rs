@@ -630,3 +630,85 @@ async fn each_run_sets_the_last_execution_gauge_and_a_leftover_state_save_is_clo
     assert_eq!(GAUGED_RUNS.load(Ordering::SeqCst), 1);
     assert!(cluster.shutdown().await);
 }
+
+// ---- a completion that fails to commit -------------------------------------------
+
+/// Memory storage whose next write with a completion fails, when armed.
+#[derive(Debug)]
+struct FailOnce {
+    inner: Arc<MemoryStorage>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl MessageStorage for FailOnce {
+    async fn write(&self, batch: WriteBatch) -> Result<WriteOutcome, StorageError> {
+        if !batch.completions.is_empty() && self.armed.swap(false, Ordering::SeqCst) {
+            return Err(StorageError::Corrupt("injected failure".to_owned()));
+        }
+        self.inner.write(batch).await
+    }
+    async fn unprocessed(&self, q: UnprocessedQuery) -> Result<Vec<StoredMessage>, StorageError> {
+        self.inner.unprocessed(q).await
+    }
+    async fn next_delivery(
+        &self,
+        after: UnixMillis,
+        shards: &ShardFilter,
+    ) -> Result<Option<UnixMillis>, StorageError> {
+        self.inner.next_delivery(after, shards).await
+    }
+    async fn reply(&self, id: MessageId) -> Result<Option<StoredReply>, StorageError> {
+        self.inner.reply(id).await
+    }
+    async fn load_state(&self, t: &str, id: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.load_state(t, id).await
+    }
+    async fn purge_processed(&self, before: UnixMillis) -> Result<u64, StorageError> {
+        self.inner.purge_processed(before).await
+    }
+    async fn close(&self) {}
+}
+
+minutely!(Retried, "retried", RETRIED, Duration::from_secs(60));
+
+#[tokio::test]
+async fn a_tick_whose_completion_fails_runs_again_from_the_stored_state() {
+    let storage = Arc::new(FailOnce {
+        inner: Arc::new(MemoryStorage::new()),
+        armed: std::sync::atomic::AtomicBool::new(false),
+    });
+    let clock = Arc::new(ManualClock::starting_at(start_time()));
+    let cluster = Cluster::builder()
+        .storage(storage.clone())
+        .clock(clock.clone())
+        .singleton::<Retried>()
+        .start()
+        .await
+        .unwrap();
+    tick(&clock, &RETRIED, 1).await;
+    storage.armed.store(true, Ordering::SeqCst);
+    tick(&clock, &RETRIED, 2).await;
+    // The completion of minute 2 failed: after a backoff it runs again,
+    // from the stored state (not from the failed run's).
+    until("the retry backs off", Duration::from_secs(5), || {
+        clock.pending_sleepers() > 0
+    })
+    .await;
+    clock.advance(Duration::from_millis(100));
+    until("the retry", Duration::from_secs(5), || {
+        lock(&RETRIED).len() >= 3
+    })
+    .await;
+    tick(&clock, &RETRIED, 4).await;
+    assert_eq!(
+        lock(&RETRIED).clone(),
+        vec![
+            (minute(1), 1),
+            (minute(2), 2),
+            (minute(2), 2),
+            (minute(3), 3)
+        ]
+    );
+    assert!(cluster.shutdown().await);
+}

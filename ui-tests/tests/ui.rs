@@ -1,4 +1,4 @@
-//! Every diagnostic of `#[entity]` and `#[rpc]`, and the programs they must accept.
+//! Every diagnostic of `#[entity]`, `#[rpc]` and `#[singleton]`, and the programs they must accept.
 
 #[test]
 fn ui() {

@@ -21,7 +21,7 @@ use super::{
 use crate::cluster::Services;
 use crate::codec;
 use crate::entity::manager::StoredDispatch;
-use crate::error::ClusterError;
+use crate::error::{ClusterError, StorageError};
 use crate::sharding::{DEFAULT_GROUP, EntityAddress, ShardId};
 use crate::snowflake::now_unix_ms;
 use crate::storage::{
@@ -599,7 +599,7 @@ pub(crate) async fn save_state(
     let effects = take(staged);
     // In flight from the start: the delivery scan must not take it for abandoned.
     svc.in_flight.claim(id);
-    let outcome = complete(
+    let (saved, outcome) = complete(
         svc,
         slot,
         fence,
@@ -610,6 +610,7 @@ pub(crate) async fn save_state(
         effects,
     )
     .await;
+    let outcome = saved.map_err(SingletonError::from).and(outcome);
     match &outcome {
         Ok(CompletionOutcome::Recorded | CompletionOutcome::EffectsFailed(_)) => {
             svc.in_flight.completed(id);
@@ -632,7 +633,8 @@ pub(crate) async fn save_state(
 /// Stores `save` (if any) and then records the completion of `id` with
 /// `record` as the singleton's state. The save is queued first, so a
 /// crash in between leaves it stored and the completion undone (the tick
-/// runs again), never the reverse.
+/// runs again), never the reverse. Returns the save's result and the
+/// completion's outcome.
 #[allow(clippy::too_many_arguments)]
 async fn complete(
     svc: &Services,
@@ -643,8 +645,14 @@ async fn complete(
     reply: StoredReply,
     record: &Record,
     effects: Vec<Statement>,
-) -> Result<CompletionOutcome, SingletonError> {
-    let bytes = codec::encode("singleton record", record)?;
+) -> (
+    Result<Option<SaveOutcome>, StorageError>,
+    Result<CompletionOutcome, SingletonError>,
+) {
+    let bytes = match codec::encode("singleton record", record) {
+        Ok(bytes) => bytes,
+        Err(error) => return (Ok(None), Err(error.into())),
+    };
     let completion = Completion {
         message_id: id,
         reply,
@@ -664,8 +672,7 @@ async fn complete(
     };
     // `join` polls the save first: it is queued to the writer before the completion.
     let (saved, completed) = futures::join!(saved, svc.writer.complete(completion));
-    saved?;
-    Ok(completed?)
+    (saved, completed.map_err(SingletonError::from))
 }
 
 /// The tick message of `slot` at `at_ms`.
@@ -815,10 +822,18 @@ async fn run_cron<T: Singleton>(
             .and_then(|cursor| schedule.next_after(cursor))
             .map(|at| tick_message(svc, slot, at));
         let effects = take(&staged);
-        match complete(svc, slot, fence, next, id, reply, &next_record, effects).await {
+        let (saved, completed) =
+            complete(svc, slot, fence, next, id, reply, &next_record, effects).await;
+        if let Err(error) = saved {
+            // The chain does not depend on it: the next tick is stored again
+            // (or found stored) before it is awaited.
+            tracing::warn!(singleton = slot.name, %error, "storing the next tick failed");
+        }
+        let reload = match completed {
             Ok(CompletionOutcome::Recorded) => {
                 record = next_record;
                 slot.status().saved = record.clone();
+                false
             }
             Ok(
                 outcome @ (CompletionOutcome::AlreadyProcessed(_)
@@ -832,20 +847,16 @@ async fn run_cron<T: Singleton>(
                     ?outcome,
                     "cron tick not recorded as run; reloading the stored record"
                 );
-                let Some(reloaded) = load(svc, clock, slot, token).await else {
-                    return;
-                };
-                record = reloaded;
-                slot.loaded(&record);
-                *state.lock().unwrap_or_else(PoisonError::into_inner) =
-                    decode_state(slot.name, &record.state);
+                true
             }
             Ok(CompletionOutcome::Fenced { .. }) => {
+                // Another runner owns the shard now; the routing table
+                // follows shortly and ends this session.
                 tracing::warn!(
                     singleton = slot.name,
                     "cron tick completion fenced: the shard has a newer owner"
                 );
-                token.cancel();
+                token.cancelled().await;
                 return;
             }
             Err(error) => {
@@ -854,7 +865,20 @@ async fn run_cron<T: Singleton>(
                     () = clock.sleep(FIRST_BACKOFF) => {}
                     () = token.cancelled() => return,
                 }
+                true
             }
+        };
+        if reload {
+            // The run's state changes were not recorded: start again from
+            // what storage holds (the run is then repeated or skipped as
+            // the stored chain says).
+            let Some(reloaded) = load(svc, clock, slot, token).await else {
+                return;
+            };
+            record = reloaded;
+            slot.loaded(&record);
+            *state.lock().unwrap_or_else(PoisonError::into_inner) =
+                decode_state(slot.name, &record.state);
         }
     }
 }
