@@ -69,6 +69,24 @@ mod reference_rpc_persisted {}
 #[doc = include_str!("../../book/src/reference/rpc/primary_key.md")]
 mod reference_rpc_primary_key {}
 
+#[doc = include_str!("../../book/src/reference/singleton.md")]
+mod reference_singleton {}
+
+#[doc = include_str!("../../book/src/reference/singleton/name.md")]
+mod reference_singleton_name {}
+
+#[doc = include_str!("../../book/src/reference/singleton/cron.md")]
+mod reference_singleton_cron {}
+
+#[doc = include_str!("../../book/src/reference/singleton/timezone.md")]
+mod reference_singleton_timezone {}
+
+#[doc = include_str!("../../book/src/reference/singleton/skip_if_older_than.md")]
+mod reference_singleton_skip_if_older_than {}
+
+#[doc = include_str!("../../book/src/reference/singleton/state.md")]
+mod reference_singleton_state {}
+
 #[doc = include_str!("../../book/src/cluster.md")]
 mod cluster {}
 
