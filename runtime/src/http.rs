@@ -149,17 +149,18 @@ mod tests {
             .layer(ClusterContextLayer::new(cluster.clone()));
         let request = || Request::builder().uri("/").body(Body::empty()).unwrap();
 
+        // A single runner leads.
         let seen = body(app.clone().oneshot(request()).await.unwrap()).await;
         let runner = format!(
-            "Some({:?})|None|None|Some(",
+            "Some({:?})|None|Some(true)|Some(",
             cluster.runner_id().to_string()
         );
         assert!(seen.starts_with(&runner), "{seen}");
 
-        // The leader election flips the shared status: handlers see it live.
-        cluster.services().leader.set(true);
+        // When leadership moves, handlers see it live.
+        cluster.services().leader.set(false);
         let seen = body(app.clone().oneshot(request()).await.unwrap()).await;
-        assert!(seen.contains("|None|Some(true)|"), "{seen}");
+        assert!(seen.contains("|None|Some(false)|"), "{seen}");
 
         // An incoming traceparent is continued.
         let traced = Request::builder()
