@@ -6,8 +6,8 @@
 //!
 //! The audit table has no unique key: a tick recorded twice would show as
 //! two rows, which the tests count (stricter than a unique constraint,
-//! which would turn a duplicate into a failed effect and hide it). Ticks
-//! are watched for 12 s rather than the issue's 30 s, to keep the suite short.
+//! which would turn a duplicate into a failed effect and hide it). The cron
+//! test watches 30 s of ticks, as the issue asks.
 
 mod support;
 
@@ -95,10 +95,10 @@ async fn a_cron_tick_runs_once_cluster_wide_on_three_runners() {
         .await
         .unwrap();
     let first = ticks(&cluster).await.len();
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
     let recorded = assert_unbroken_chain(&cluster).await;
     assert!(
-        recorded >= first + 10,
+        recorded >= first + 28,
         "about one tick a second: {first} then {recorded}"
     );
     // One runner ran them all once ownership settled.
