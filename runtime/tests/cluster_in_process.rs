@@ -7,14 +7,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
+use flotilla::ClusterError;
 use flotilla::prelude::*;
-use flotilla::storage::{
-    MemoryRunners, MemoryStorage, MessageId, MessageStorage, ShardFilter, StoredMessage,
-    StoredReply, UnixMillis, UnprocessedQuery, WriteBatch, WriteOutcome,
-};
+use flotilla::storage::{MemoryRunners, MemoryStorage};
 use flotilla::transport::ClusterSecret;
-use flotilla::{ClusterError, StorageError};
 
 const SHARDS: u32 = 16;
 
@@ -60,38 +56,6 @@ impl Unregistered {
     }
 }
 
-/// One store shared by every runner of the test; `close` is a no-op so one
-/// runner's shutdown does not close it for the others.
-#[derive(Debug)]
-struct Shared(Arc<MemoryStorage>);
-
-#[async_trait]
-impl MessageStorage for Shared {
-    async fn write(&self, batch: WriteBatch) -> Result<WriteOutcome, StorageError> {
-        self.0.write(batch).await
-    }
-    async fn unprocessed(&self, q: UnprocessedQuery) -> Result<Vec<StoredMessage>, StorageError> {
-        self.0.unprocessed(q).await
-    }
-    async fn next_delivery(
-        &self,
-        after: UnixMillis,
-        shards: &ShardFilter,
-    ) -> Result<Option<UnixMillis>, StorageError> {
-        self.0.next_delivery(after, shards).await
-    }
-    async fn reply(&self, id: MessageId) -> Result<Option<StoredReply>, StorageError> {
-        self.0.reply(id).await
-    }
-    async fn load_state(&self, t: &str, id: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        self.0.load_state(t, id).await
-    }
-    async fn purge_processed(&self, before: UnixMillis) -> Result<u64, StorageError> {
-        self.0.purge_processed(before).await
-    }
-    async fn close(&self) {}
-}
-
 fn secret() -> ClusterSecret {
     ClusterSecret::new("in-process cluster test secret").unwrap()
 }
@@ -111,7 +75,7 @@ impl Fixture {
 
     fn builder(&self, id: &str, member: Arc<MemoryRunners>) -> flotilla::ClusterBuilder {
         Cluster::builder()
-            .storage(Arc::new(Shared(self.storage.clone())))
+            .storage(Arc::new(self.storage.share()))
             .runner_storage(member)
             .runner_id(id)
             .secret(secret())

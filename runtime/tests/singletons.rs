@@ -253,7 +253,7 @@ async fn ten_minutes_of_downtime_skip_the_stale_ticks_instead_of_a_burst() {
     let storage = Arc::new(MemoryStorage::new());
     let clock = Arc::new(ManualClock::starting_at(start_time()));
     let cluster = Cluster::builder()
-        .storage(Arc::new(Shared(storage.clone())))
+        .storage(Arc::new(storage.share()))
         .clock(clock.clone())
         .singleton::<Stale>()
         .start()
@@ -267,7 +267,7 @@ async fn ten_minutes_of_downtime_skip_the_stale_ticks_instead_of_a_burst() {
         clock.now() + Duration::from_secs(600),
     ));
     let cluster = Cluster::builder()
-        .storage(Arc::new(Shared(storage.clone())))
+        .storage(Arc::new(storage.share()))
         .clock(clock.clone())
         .singleton::<Stale>()
         .start()
@@ -370,38 +370,6 @@ async fn a_cron_singleton_without_a_run_in_twice_its_interval_is_unhealthy() {
 
 const SHARDS: u32 = 16;
 
-/// One store shared by every runner of the test; `close` is a no-op so one
-/// runner's shutdown does not close it for the others.
-#[derive(Debug)]
-struct Shared(Arc<MemoryStorage>);
-
-#[async_trait]
-impl MessageStorage for Shared {
-    async fn write(&self, batch: WriteBatch) -> Result<WriteOutcome, StorageError> {
-        self.0.write(batch).await
-    }
-    async fn unprocessed(&self, q: UnprocessedQuery) -> Result<Vec<StoredMessage>, StorageError> {
-        self.0.unprocessed(q).await
-    }
-    async fn next_delivery(
-        &self,
-        after: UnixMillis,
-        shards: &ShardFilter,
-    ) -> Result<Option<UnixMillis>, StorageError> {
-        self.0.next_delivery(after, shards).await
-    }
-    async fn reply(&self, id: MessageId) -> Result<Option<StoredReply>, StorageError> {
-        self.0.reply(id).await
-    }
-    async fn load_state(&self, t: &str, id: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        self.0.load_state(t, id).await
-    }
-    async fn purge_processed(&self, before: UnixMillis) -> Result<u64, StorageError> {
-        self.0.purge_processed(before).await
-    }
-    async fn close(&self) {}
-}
-
 /// Who runs the counter now, and its count there.
 static COUNTER_RUNS: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
 static COUNTER_ACTIVE: AtomicU32 = AtomicU32::new(0);
@@ -449,7 +417,7 @@ fn secret() -> ClusterSecret {
 
 async fn runner(storage: &Arc<MemoryStorage>, registry: &MemoryRunners, id: &str) -> Cluster {
     Cluster::builder()
-        .storage(Arc::new(Shared(storage.clone())))
+        .storage(Arc::new(storage.share()))
         .runner_storage(Arc::new(registry.join()))
         .runner_id(id)
         .secret(secret())
@@ -592,7 +560,7 @@ async fn each_run_sets_the_last_execution_gauge_and_a_leftover_state_save_is_clo
         .unwrap();
 
     let cluster = Cluster::builder()
-        .storage(Arc::new(Shared(storage.clone())))
+        .storage(Arc::new(storage.share()))
         .safety_poll(Duration::from_millis(50))
         .singleton::<Gauged>()
         .start()

@@ -2,7 +2,8 @@
 //! for tests and services that need no durability.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
@@ -22,7 +23,6 @@ struct Row {
 
 #[derive(Debug, Default)]
 struct State {
-    closed: bool,
     messages: BTreeMap<MessageId, Row>,
     keys: HashMap<MessageKey, MessageId>,
     entity_state: HashMap<(String, String), Vec<u8>>,
@@ -31,15 +31,38 @@ struct State {
 
 /// Stores everything in process memory. Staged effects are not executed;
 /// they are recorded and can be read back with [`MemoryStorage::effects`].
+///
+/// [`share`](Self::share) hands out another handle on the same data, so
+/// several runners in one process (with [`MemoryRunners`](super::MemoryRunners))
+/// use one store; closing a handle closes only that handle.
 #[derive(Debug, Default)]
 pub struct MemoryStorage {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
+    closed: AtomicBool,
 }
 
 impl MemoryStorage {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Another handle on the same data, open even if this one is closed.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// use flotilla::storage::{MemoryStorage, MessageStorage};
+    /// let first = MemoryStorage::new();
+    /// let second = first.share();
+    /// first.close().await;
+    /// assert!(second.load_state("Account", "acct-42").await.is_ok());
+    /// # }
+    /// ```
+    pub fn share(&self) -> Self {
+        Self {
+            state: self.state.clone(),
+            closed: AtomicBool::new(false),
+        }
     }
 
     /// The effects committed so far, in commit order.
@@ -54,11 +77,10 @@ impl MemoryStorage {
     }
 
     fn open(&self) -> Result<std::sync::MutexGuard<'_, State>, StorageError> {
-        let state = self.lock();
-        if state.closed {
+        if self.closed.load(Ordering::Acquire) {
             return Err(StorageError::Closed);
         }
-        Ok(state)
+        Ok(self.lock())
     }
 }
 
@@ -202,6 +224,6 @@ impl MessageStorage for MemoryStorage {
     }
 
     async fn close(&self) {
-        self.lock().closed = true;
+        self.closed.store(true, Ordering::Release);
     }
 }
