@@ -288,7 +288,14 @@ impl Membership {
             }
             let mut shards: Vec<ShardId> = leaving.into_iter().collect();
             shards.sort();
-            match self.runners.release(&shards).await {
+            // Bounded: a lock call that hangs (a lock wait in the database)
+            // must not stop the loop that confirms the locks. Dropping it
+            // drops the lock session, which the fence below accounts for.
+            let bound = core.config.fence_after / 2;
+            let released = tokio::time::timeout(bound, self.runners.release(&shards))
+                .await
+                .unwrap_or_else(|_| Err(timed_out("releasing shards", bound)));
+            match released {
                 Ok(()) => {
                     tracing::debug!(shards = shards.len(), "released shards assigned elsewhere");
                     // The new owners take them now rather than at their next poll.
@@ -309,7 +316,11 @@ impl Membership {
             return;
         }
         wanted.sort();
-        match self.runners.acquire(&wanted).await {
+        let bound = core.config.fence_after / 2;
+        let acquired = tokio::time::timeout(bound, self.runners.acquire(&wanted))
+            .await
+            .unwrap_or_else(|_| Err(timed_out("acquiring shards", bound)));
+        match acquired {
             Ok(taken) if !taken.is_empty() => {
                 tracing::debug!(shards = taken.len(), "acquired shards");
                 core.ownership.add_owned(taken);
@@ -323,4 +334,12 @@ impl Membership {
             }
         }
     }
+}
+
+/// The error of a lock call that did not finish within `bound`.
+fn timed_out(what: &str, bound: Duration) -> crate::error::StorageError {
+    crate::error::StorageError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} took longer than {bound:?}"),
+    ))
 }

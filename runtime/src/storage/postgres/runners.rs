@@ -227,11 +227,20 @@ impl PostgresRunners {
                     set_config('tcp_keepalives_idle', $2, false), \
                     set_config('tcp_keepalives_interval', $3, false), \
                     set_config('tcp_keepalives_count', '3', false), \
-                    set_config('tcp_user_timeout', $1, false)",
+                    set_config('tcp_user_timeout', $1, false), \
+                    set_config('lock_timeout', $4, false), \
+                    set_config('client_connection_check_interval', $5, false)",
         )
         .bind(ms.to_string())
         .bind(idle_s.to_string())
         .bind(interval_s.to_string())
+        // A statement on the lock session never waits long for a row lock
+        // (an epoch bump behind a slow write transaction fails and is
+        // retried next round), and a backend left waiting by a runner that
+        // gave up notices the closed socket within a second, so its locks
+        // do not outlive the runner's interest in them.
+        .bind((ms / 4).max(100).to_string())
+        .bind((ms / 4).clamp(100, 1000).to_string())
         .execute(&mut conn)
         .await?;
         Ok(conn)
