@@ -57,7 +57,8 @@ pub use entities::{
 pub use error::HarnessError;
 pub use runner::{PARENT_WATCH_ENV, Runner, RunnerSpec, process_state};
 pub use singletons::{
-    COUNTER_ROW, SINGLETONS_ENV, TICKER_ROW, TestCounter, TestTicker, test_counter, test_ticker,
+    CLOCK_OFFSET_ENV, COUNTER_ROW, OffsetClock, SINGLETONS_ENV, TICKER_ROW, TestCounter,
+    TestTicker, test_counter, test_ticker,
 };
 
 /// Held by a test for its whole run, so cluster tests run one at a time

@@ -410,6 +410,12 @@ impl Runner {
         Ok(())
     }
 
+    /// Sets (or replaces) an environment variable of the next incarnation.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.spec.env.retain(|(n, _)| n != name);
+        self.spec.env.push((name.to_owned(), value.to_owned()));
+    }
+
     /// Starts a new incarnation with the same id and settings (killing the
     /// current one first if it still runs) and waits until it is ready.
     pub async fn restart(&mut self) -> Result<(), HarnessError> {

@@ -9,6 +9,37 @@ use flotilla::storage::Statement;
 
 use crate::entities::{AUDIT_TABLE_ENV, is_identifier, unix_micros};
 
+/// Milliseconds a runner's clock runs ahead of the system clock (the
+/// runner lives as if that much time had passed): simulates downtime.
+pub const CLOCK_OFFSET_ENV: &str = "FLOTILLA_TEST_CLOCK_OFFSET_MS";
+
+/// The system clock shifted by a fixed offset.
+#[derive(Debug, Clone, Copy)]
+pub struct OffsetClock {
+    offset: Duration,
+}
+
+impl OffsetClock {
+    /// A clock `offset` ahead of the system clock.
+    pub fn new(offset: Duration) -> Self {
+        Self { offset }
+    }
+}
+
+impl flotilla::time::Clock for OffsetClock {
+    fn now(&self) -> std::time::SystemTime {
+        std::time::SystemTime::now() + self.offset
+    }
+
+    fn instant(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now()
+    }
+
+    fn sleep(&self, duration: Duration) -> flotilla::time::Sleep {
+        Box::pin(tokio::time::sleep(duration))
+    }
+}
+
 /// Set to `1` to register [`TestTicker`] and [`TestCounter`] in a runner.
 pub const SINGLETONS_ENV: &str = "FLOTILLA_TEST_SINGLETONS";
 

@@ -1,5 +1,6 @@
 //! Singletons and cron across real runner processes on PostgreSQL (issue
-//! tests 1, 2 and 4). The runners register the test ticker (a cron
+//! tests 1, 2, 3 and 4; test 3 moves a restarted runner's clock ten minutes
+//! ahead, `FLOTILLA_TEST_CLOCK_OFFSET_MS`). The runners register the test ticker (a cron
 //! singleton every second) and counter (a plain singleton saving its count
 //! every 100 ms); each run writes one audit row in the transaction that
 //! records it, so the audit table shows exactly what committed.
@@ -15,7 +16,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use flotilla_cluster_tests::{
-    AuditRow, COUNTER_ROW, ClusterSettings, SINGLETONS_ENV, TICKER_ROW, TestCluster, exclusive,
+    AuditRow, CLOCK_OFFSET_ENV, COUNTER_ROW, ClusterSettings, SINGLETONS_ENV, TICKER_ROW,
+    TestCluster, exclusive,
 };
 use support::*;
 
@@ -279,4 +281,42 @@ async fn restarting_every_runner_mid_chain_continues_the_chain_without_a_duplica
     }
     let recorded = assert_unbroken_chain(&cluster).await;
     assert!(recorded > before.len() + 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_minutes_of_downtime_skip_the_missed_ticks_instead_of_a_burst() {
+    let _one_at_a_time = exclusive().await;
+    let mut cluster = start(settings(1)).await;
+    wait_rows(&cluster, TICKER_ROW, 3, Duration::from_secs(10)).await;
+    cluster.runners_mut()[0].kill().await.unwrap();
+    let before = ticks(&cluster).await;
+    let last_before = *before.keys().last().unwrap();
+    // The runner comes back ten minutes later, by its clock: every tick of
+    // the downtime is older than skip_if_older_than (1 minute).
+    cluster.runners_mut()[0].set_env(CLOCK_OFFSET_ENV, "600000");
+    cluster.runners_mut()[0].restart().await.unwrap();
+    wait_rows(
+        &cluster,
+        TICKER_ROW,
+        before.len() + 3,
+        Duration::from_secs(15),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = ticks(&cluster).await;
+    let new: Vec<i64> = after.keys().copied().filter(|k| *k > last_before).collect();
+    let doubled: Vec<_> = after.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "ticks recorded twice: {doubled:?}");
+    // No burst: about one tick per second since the restart, not the ~600
+    // ticks of the downtime; the first one is a fresh tick after it.
+    assert!(
+        (3..=20).contains(&new.len()),
+        "{} ticks after the restart",
+        new.len()
+    );
+    assert!(
+        new[0] >= last_before + 590_000,
+        "the first tick after the downtime is {} ms after the last one before it",
+        new[0] - last_before
+    );
 }

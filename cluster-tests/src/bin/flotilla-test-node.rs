@@ -19,7 +19,8 @@ use std::process::ExitCode;
 
 use flotilla::prelude::*;
 use flotilla_cluster_tests::{
-    PARENT_WATCH_ENV, Probe, SINGLETONS_ENV, TestCounter, TestTicker, Work,
+    CLOCK_OFFSET_ENV, OffsetClock, PARENT_WATCH_ENV, Probe, SINGLETONS_ENV, TestCounter,
+    TestTicker, Work,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::signal::unix::{SignalKind, signal};
@@ -41,6 +42,15 @@ async fn main() -> ExitCode {
     let mut builder = Cluster::builder().config(config).register::<Probe>();
     if std::env::var(SINGLETONS_ENV).is_ok_and(|v| v == "1") {
         builder = builder.singleton::<TestTicker>().singleton::<TestCounter>();
+    }
+    if let Ok(ms) = std::env::var(CLOCK_OFFSET_ENV) {
+        let Ok(ms) = ms.parse::<u64>() else {
+            eprintln!("flotilla-test-node: bad {CLOCK_OFFSET_ENV}={ms:?}");
+            return ExitCode::from(2);
+        };
+        builder = builder.clock(std::sync::Arc::new(OffsetClock::new(
+            std::time::Duration::from_millis(ms),
+        )));
     }
     let cluster = match builder.start().await {
         Ok(cluster) => cluster,
