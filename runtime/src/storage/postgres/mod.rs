@@ -300,9 +300,11 @@ impl MessageStorage for PostgresStorage {
 }
 
 /// The shards as two columns (groups, indexes) for `UNNEST`.
-fn shard_columns(shards: &[crate::sharding::ShardId]) -> (Vec<String>, Vec<i64>) {
+fn shard_columns<'a>(
+    shards: impl IntoIterator<Item = &'a crate::sharding::ShardId>,
+) -> (Vec<String>, Vec<i64>) {
     shards
-        .iter()
+        .into_iter()
         .map(|s| (s.group().to_owned(), i64::from(s.index())))
         .unzip()
 }

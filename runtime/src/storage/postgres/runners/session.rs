@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
+use super::super::shard_columns;
 use super::statements::RunnerStatements;
 use crate::error::StorageError;
 use crate::sharding::{RunnerId, ShardId};
@@ -24,13 +25,6 @@ pub(super) struct LockSession {
     pub(super) held: HashMap<ShardId, (i32, Epoch)>,
     /// The snowflake machine id leased on `conn`, if any.
     pub(super) machine_id: Option<u16>,
-}
-
-/// The shards as two columns (groups, indexes) for `UNNEST`.
-fn columns<'a>(shards: impl Iterator<Item = &'a ShardId>) -> (Vec<String>, Vec<i64>) {
-    shards
-        .map(|s| (s.group().to_owned(), i64::from(s.index())))
-        .unzip()
 }
 
 /// A shard read back from its columns.
@@ -54,7 +48,7 @@ impl LockSession {
             .filter(|s| !self.held.contains_key(*s) && seen.insert(*s))
             .collect();
         if !wanted.is_empty() {
-            let (groups, indexes) = columns(wanted.iter().copied());
+            let (groups, indexes) = shard_columns(wanted.iter().copied());
             sqlx::query(AssertSqlSafe(&*statements.insert_shards))
                 .bind(&groups)
                 .bind(&indexes)
@@ -74,7 +68,7 @@ impl LockSession {
                 }
             }
             if !keys.is_empty() {
-                let (groups, indexes) = columns(keys.keys());
+                let (groups, indexes) = shard_columns(keys.keys());
                 let rows = sqlx::query(AssertSqlSafe(&*statements.bump_epochs))
                     .bind(self.runner.as_str())
                     .bind(now_unix_ms() as i64)
@@ -120,7 +114,7 @@ impl LockSession {
         if releasing.is_empty() {
             return Ok(());
         }
-        let (groups, indexes) = columns(releasing.iter().map(|(s, _)| *s));
+        let (groups, indexes) = shard_columns(releasing.iter().map(|(s, _)| *s));
         sqlx::query(AssertSqlSafe(&*statements.disown_shards))
             .bind(self.runner.as_str())
             .bind(&groups)
