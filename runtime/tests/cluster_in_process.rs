@@ -115,10 +115,12 @@ async fn calls_run_on_the_owner_whichever_runner_sends_them() {
     let (a, _) = fx.runner("a").await;
     let (b, _) = fx.runner("b").await;
     let (c, _) = fx.runner("c").await;
+    // Every runner sees all three (ownership alone can still be the
+    // hand-over from a two-runner view) and every shard is owned.
     until(
         "every shard owned, by all three",
         Duration::from_secs(5),
-        || all_owned(&[&a, &b, &c]),
+        || [&a, &b, &c].iter().all(|r| r.live_runners().len() == 3) && all_owned(&[&a, &b, &c]),
     )
     .await;
     assert_eq!(a.live_runners().len(), 3);
